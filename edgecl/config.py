@@ -1,0 +1,200 @@
+"""One dataclass tree for the daemon's settings: defaults live here and only here.
+
+TOML in (`--config edgecl.toml`), flags on top, and every error names the offending key, e.g.
+`serve.queue_mb: expected a number, got "big"`. The `[learner]` table is handed to
+`edgecl.learn.LearnerConfig` as keyword arguments; its keys are checked against that class.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+from edgecl.errors import UserError
+from edgecl.wire import DTYPES, InputSpec
+
+
+@dataclass
+class ServeConfig:
+    """Sockets, queue and flow control of `edgecl serve`."""
+
+    port: int = 5555                 # ROUTER for requests; PUB for announcements is port + 1
+    bind: str = "0.0.0.0"            # interface address to bind; "127.0.0.1" keeps it local
+    state_dir: str = "state"         # input spec record now; journal and checkpoints later
+    metrics_port: int = 0            # Prometheus /metrics on this port; 0 = off
+    queue_mb: float = 64.0           # bound on accepted-but-unlearned samples, in MiB
+    credit_window: int = 8           # most pushes one client may have unacknowledged
+    max_batch: int = 4096            # most samples in one push
+    max_push_mb: float = 16.0        # most payload bytes in one push, in MiB
+    retry_after_ms: int = 100        # how long a client waits after `busy`
+    learn_batch: int = 32            # samples per learner step; pushes are merged or split
+    dedup_window: int = 1024         # recent sequence numbers remembered per sensor
+    stats_interval_s: float = 0.25   # how often the learner thread publishes its stats
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65534:
+            raise UserError(f"serve.port: {self.port} is not a port (0..65534; port + 1 is "
+                            "used for announcements)")
+        if not 0 <= self.metrics_port <= 65535:
+            raise UserError(f"serve.metrics_port: {self.metrics_port} is not a port")
+        for key in ("queue_mb", "credit_window", "max_batch", "max_push_mb", "learn_batch",
+                    "dedup_window",
+                    "stats_interval_s"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"serve.{key}: must be positive, got {getattr(self, key)}")
+        if self.retry_after_ms < 0:
+            raise UserError(f"serve.retry_after_ms: must be >= 0, got {self.retry_after_ms}")
+        if not self.bind:
+            raise UserError("serve.bind: must be an address such as 0.0.0.0 or 127.0.0.1")
+
+    @property
+    def queue_bytes(self) -> int:
+        return int(self.queue_mb * 2**20)
+
+    @property
+    def max_push_bytes(self) -> int:
+        return int(self.max_push_mb * 2**20)
+
+
+@dataclass
+class InputConfig:
+    """The sample spec. Unset: taken from the first accepted push, then enforced."""
+
+    channels: int | None = None
+    height: int | None = None
+    width: int | None = None
+    dtype: str | None = None
+
+    def check(self) -> None:
+        dims = (self.channels, self.height, self.width)
+        if any(d is not None for d in dims) and not all(d is not None for d in dims):
+            raise UserError("input: give all of channels, height and width, or none of them")
+        for key, value in zip(("channels", "height", "width"), dims):
+            if value is not None and value <= 0:
+                raise UserError(f"input.{key}: must be positive, got {value}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UserError(f"input.dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.dtype is not None and self.channels is None:
+            raise UserError("input.dtype: also give input.channels, height and width")
+
+    def spec(self) -> InputSpec | None:
+        if self.channels is None:
+            return None
+        return InputSpec(self.channels, self.height, self.width, self.dtype or "uint8")
+
+
+@dataclass
+class Config:
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    # Keyword arguments for edgecl.learn.LearnerConfig; checked in learner_config().
+    learner: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        self.serve.check()
+        self.input.check()
+
+    def learner_config(self):
+        """Build the LearnerConfig; an unknown or ill-typed key is a UserError naming it."""
+        from edgecl.learn import LearnerConfig  # torch is imported only when serving
+
+        known = {f.name: f for f in dataclasses.fields(LearnerConfig)}
+        for key in self.learner:
+            if key not in known:
+                raise UserError(f"learner.{key}: unknown key; known keys: "
+                                f"{', '.join(sorted(known))}")
+        try:
+            return LearnerConfig(**self.learner)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"learner: {exc}") from None
+
+
+SECTIONS = {"serve": ServeConfig, "input": InputConfig}
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """True if a TOML value fits a field annotation (int | None, float, str ...)."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) \
+        else (annotation,)
+    for option in options:
+        if option is type(None) and value is None:
+            return True
+        if option is bool and isinstance(value, bool):
+            return True
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if option is str and isinstance(value, str):
+            return True
+    return False
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def apply(config: Config, section: str, key: str, value: Any, source: str) -> None:
+    """Set one key, checking it exists and has the right type; `source` goes in the error."""
+    if section == "learner":
+        config.learner[key] = value
+        return
+    if section not in SECTIONS:
+        raise UserError(f"{source}: unknown section [{section}]; known: "
+                        f"{', '.join(list(SECTIONS) + ['learner'])}")
+    types_ = _field_types(SECTIONS[section])
+    if key not in types_:
+        raise UserError(f"{source}: {section}.{key} is not a setting; known: "
+                        f"{', '.join(types_)}")
+    annotation = types_[key]
+    if not _type_ok(value, annotation):
+        name = getattr(annotation, "__name__", str(annotation))
+        raise UserError(f"{source}: {section}.{key}: expected {name}, got {value!r}")
+    if annotation is float and isinstance(value, int):
+        value = float(value)
+    setattr(getattr(config, section), key, value)
+
+
+def load(path: str | Path | None) -> Config:
+    """Read a TOML file into a Config; None gives the defaults."""
+    config = Config()
+    if path is None:
+        return config
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise UserError(f"{path}: top-level key '{section}' must be a [table]")
+        for key, value in table.items():
+            apply(config, section, key, value, str(path))
+    return config
+
+
+def parse_assignment(text: str) -> tuple[str, str, Any]:
+    """`learner.buffer_size=200` -> ("learner", "buffer_size", 200); the value is TOML syntax,
+    and a bare word that is not valid TOML is taken as a string (method=derpp)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UserError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. learner.buffer_size=200")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key.strip(), value

@@ -1,0 +1,1 @@
+"""The daemon: sockets, the ingest queue, the learner thread, status and metrics."""

@@ -1,0 +1,574 @@
+"""`edgecl serve`: the socket loop and the learner thread, and nothing else.
+
+    sensor --push--> [socket loop: validate -> dedup -> commit (ack)] --queue--> [learner thread]
+                      ROUTER :port, PUB :port+1                                   learn_many()
+
+Two threads, two owners:
+- The socket loop owns both sockets, the dedup index and the input spec. It never runs torch and
+  never calls the learner; it answers every request at once, so `status` stays fast while the
+  learner trains.
+- The learner thread owns the OnlineLearner. It takes batches from the bounded queue, learns
+  them, and every `stats_interval_s` publishes `learner.stats()` as a fresh dict (swapped under
+  a lock) for `status` and /metrics to read.
+
+Extension points, for the snapshot and durability work:
+- `_commit()` is the single place a push becomes accepted; the ack is sent after it returns, so
+  a journal append placed there (before the queue put) makes every ack durable.
+- `add_learner_hook(fn)` runs `fn(learner, samples_learned, final)` in the learner thread after
+  each step and once at shutdown: the place to copy weights for export or write a checkpoint.
+- `register_op(name, handler)` adds a request op (snapshot info, chunk fetch) to the socket loop.
+- `announce(topic, payload)` publishes on the PUB socket from any thread.
+- `update_status(**fields)` adds fields (e.g. snapshot_version) to `status` from any thread.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+from edgecl import __version__
+from edgecl.config import Config
+from edgecl.errors import UserError
+from edgecl.serve.queue import Batch, IngestQueue, SeenSequences
+from edgecl.wire import (PROTOCOL_VERSION, ErrorCode, InputSpec, WireError, decode_push,
+                         error_reply, ok_reply, pack, unpack_header)
+
+log = logging.getLogger("edgecl.serve")
+
+SPEC_FILE = "input_spec.json"
+ACTIVE_SENSOR_S = 5.0       # a sensor that pushed this recently shares the queue's free room
+POLL_MS = 20                # how often the loop looks at stop requests and announcements
+MAX_DRAIN_PER_POLL = 256    # requests handled per wake-up: fewer GIL hand-offs under load
+
+OpHandler = Callable[[dict, Any], dict]
+LearnerHook = Callable[[Any, int, bool], None]
+
+
+class Daemon:
+    """One learner behind a ROUTER/PUB socket pair.
+
+    Use `serve()` in the foreground (the CLI: installs SIGINT/SIGTERM handlers) or `start()` /
+    `stop()` to run it in background threads (tests, demo, benchmarks).
+    """
+
+    def __init__(self, config: Config, learner: Any = None):
+        config.check()
+        self.config = config
+        self.state_dir = Path(config.serve.state_dir)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot use state directory {self.state_dir}: {exc.strerror}") \
+                from None
+        self.spec = self._resolve_spec(config.input.spec())
+        if learner is None:
+            from edgecl.learn import OnlineLearner
+            learner = OnlineLearner(self._learner_config())
+        self.learner = learner
+
+        serve = config.serve
+        self.queue = IngestQueue(serve.queue_bytes)
+        self.seen = SeenSequences(serve.dedup_window)
+        self.port: int | None = None
+        self.pub_port: int | None = None
+        self.started_at = time.time()
+
+        # Owned by the socket loop (other threads only read them, for status).
+        self.samples_received = 0
+        self.batches_received = 0
+        self.samples_duplicate = 0
+        # Every code present from the start: a stable schema, and no dict resizing while the
+        # metrics thread copies it.
+        self.refused: Counter[str] = Counter({code: 0 for code in ErrorCode.ALL})
+        self.accepting = True
+        self._next_offset = 0
+        self._last_push_by_sensor: dict[str, float] = {}
+        self._active_sensors = 1
+        self._active_counted_at = 0.0
+
+        # Owned by the learner thread; read under _stats_lock.
+        self._stats_lock = threading.Lock()
+        self._learner_stats: dict = {}
+        self.samples_learned = 0
+        self.samples_failed = 0
+        self.learner_error: str | None = None
+        self._learner_hooks: list[LearnerHook] = []
+
+        self._extra_status: dict = {}
+        self._ops: dict[str, OpHandler] = {"ping": self._op_ping, "status": self._op_status}
+        self._announcements: deque[tuple[str, dict]] = deque()
+        self._stop_requests = 0
+        self._stop_lock = threading.Lock()
+        self._ctx: zmq.Context | None = None
+        self._router: zmq.Socket | None = None
+        self._pub: zmq.Socket | None = None
+        self._metrics_server = None
+        self._loop_thread: threading.Thread | None = None
+        self._learner_thread: threading.Thread | None = None
+        self.exit_code: int | None = None
+        self._bound = threading.Event()
+
+    def _learner_config(self):
+        """The configured LearnerConfig; unless `learner.threads` is set, torch gets all cores
+        but one, so the socket loop always has a core to answer on (status p99 under load)."""
+        learner_config = self.config.learner_config()
+        if getattr(learner_config, "threads", "absent") is None:
+            learner_config.threads = max(1, (os.cpu_count() or 2) - 1)
+        return learner_config
+
+    # ----------------------------------------------------------------- extension points
+
+    def register_op(self, name: str, handler: OpHandler) -> None:
+        """Serve `op=name`. `handler(header, payload_frame_or_None)` runs in the socket loop,
+        must not block or run torch, and returns the ok reply's fields or raises WireError."""
+        if name in self._ops or name == "push":
+            raise ValueError(f"op {name!r} is already served")
+        self._ops[name] = handler
+
+    def add_learner_hook(self, hook: LearnerHook) -> None:
+        """`hook(learner, samples_learned, final)` runs in the learner thread after every learn
+        step (final=False) and once after the queue is drained at shutdown (final=True)."""
+        self._learner_hooks.append(hook)
+
+    def announce(self, topic: str, payload: dict) -> None:
+        """Publish `payload` under `topic` on the PUB socket; safe from any thread."""
+        self._announcements.append((topic, dict(payload)))
+
+    def update_status(self, **fields) -> None:
+        """Add or replace top-level `status` fields; safe from any thread."""
+        with self._stats_lock:
+            self._extra_status = {**self._extra_status, **fields}
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def bind(self) -> None:
+        """Bind ROUTER on port and PUB on port + 1; port 0 picks a free pair."""
+        serve = self.config.serve
+        self._ctx = zmq.Context()
+        router = self._ctx.socket(zmq.ROUTER)
+        pub = self._ctx.socket(zmq.PUB)
+        for sock in (router, pub):
+            sock.setsockopt(zmq.LINGER, 0)
+        # A hard guard against memory exhaustion; pushes up to max_push_bytes get a proper
+        # too_large reply, only absurd messages are dropped by ZeroMQ (the peer is disconnected).
+        router.setsockopt(zmq.MAXMSGSIZE, 4 * serve.max_push_bytes + 2**20)
+        router.setsockopt(zmq.RCVHWM, 10_000)
+        router.setsockopt(zmq.SNDHWM, 10_000)
+        try:
+            if serve.port:
+                self.port = self._bind_one(router, serve.bind, serve.port, "requests (--port)")
+                self.pub_port = self._bind_one(pub, serve.bind, serve.port + 1,
+                                               "announcements (always --port + 1)")
+            else:
+                self.port, self.pub_port = self._bind_free_pair(router, pub, serve.bind)
+        except BaseException:
+            router.close()
+            pub.close()
+            self._ctx.term()
+            raise
+        self._router, self._pub = router, pub
+        if serve.metrics_port:
+            from edgecl.serve.metrics import start_metrics_server
+            self._metrics_server = start_metrics_server(serve.metrics_port, serve.bind,
+                                                        self.status)
+        log.info("listening on tcp://%s:%d (requests), tcp://%s:%d (announcements)%s",
+                 serve.bind, self.port, serve.bind, self.pub_port,
+                 f", metrics on :{serve.metrics_port}" if serve.metrics_port else "")
+        self._bound.set()
+
+    @staticmethod
+    def _bind_one(sock: zmq.Socket, host: str, port: int, role: str) -> int:
+        try:
+            sock.bind(f"tcp://{host}:{port}")
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} is already in use, needed for {role}; "
+                                "stop the other process or choose another --port") from None
+            raise UserError(f"cannot bind tcp://{host}:{port} for {role}: {exc}") from None
+        return port
+
+    @staticmethod
+    def _bind_free_pair(router: zmq.Socket, pub: zmq.Socket, host: str) -> tuple[int, int]:
+        for _ in range(50):
+            try:
+                port = router.bind_to_random_port(f"tcp://{host}", 20_000, 60_000)
+            except zmq.ZMQError as exc:
+                raise UserError(f"cannot bind on {host}: {exc}") from None
+            try:
+                pub.bind(f"tcp://{host}:{port + 1}")
+                return port, port + 1
+            except zmq.ZMQError:
+                router.unbind(router.getsockopt(zmq.LAST_ENDPOINT))
+        raise UserError(f"found no free pair of adjacent ports on {host}")
+
+    def start(self) -> "Daemon":
+        """Bind, then run the socket loop and learner in background threads."""
+        self.bind()
+        self._learner_thread = threading.Thread(target=self._learn_loop, name="edgecl-learner",
+                                                daemon=True)
+        self._learner_thread.start()
+        self._loop_thread = threading.Thread(target=self._socket_loop, name="edgecl-sockets",
+                                             daemon=True)
+        self._loop_thread.start()
+        return self
+
+    def serve(self) -> int:
+        """Run in the foreground until SIGINT/SIGTERM; returns the process exit code.
+
+        First signal: stop accepting, learn what is queued, exit 0. Second signal: stop after
+        the current step and exit 1, logging how many acked samples were not learned.
+        """
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.bind()
+            self._learner_thread = threading.Thread(target=self._learn_loop,
+                                                    name="edgecl-learner", daemon=True)
+            self._learner_thread.start()
+            self._socket_loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return self.exit_code if self.exit_code is not None else 0
+
+    def _on_signal(self, signum, frame) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        self.stop()
+
+    def stop(self) -> None:
+        """Request shutdown; safe from any thread and from a signal handler. The first call
+        drains the queue, a second one abandons it."""
+        with self._stop_lock:
+            self._stop_requests += 1
+
+    def join(self, timeout: float | None = None) -> int | None:
+        """Wait for a `start()`ed daemon to finish; returns its exit code (None if still up)."""
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout)
+            if self._loop_thread.is_alive():
+                return None
+        return self.exit_code
+
+    def wait_bound(self, timeout: float = 10.0) -> bool:
+        return self._bound.wait(timeout)
+
+    @property
+    def address(self) -> str:
+        host = self.config.serve.bind
+        host = "127.0.0.1" if host in ("0.0.0.0", "*") else host
+        return f"tcp://{host}:{self.port}"
+
+    # ----------------------------------------------------------------- the socket loop
+
+    def _socket_loop(self) -> None:
+        router = self._router
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        draining_since: float | None = None
+        try:
+            while True:
+                requests = self._stop_requests
+                if requests and draining_since is None:
+                    draining_since = time.monotonic()
+                    self.accepting = False
+                    self.queue.close()
+                    log.info("shutting down: accepting no more pushes, learning the %d queued "
+                             "samples (signal again to stop now)", self.queue.samples)
+                if requests >= 2 and not self.queue.abandoned:
+                    left = self.queue.abandon()
+                    if left:
+                        log.warning("stopping now: %d acked samples were not learned", left)
+                        self.exit_code = 1
+                if draining_since is not None and not self._learner_thread.is_alive():
+                    break
+                if poller.poll(POLL_MS):
+                    for _ in range(MAX_DRAIN_PER_POLL):
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                while self._announcements:
+                    topic, payload = self._announcements.popleft()
+                    self._pub.send_multipart(
+                        [topic.encode(), pack({"v": PROTOCOL_VERSION, "topic": topic, **payload})])
+        finally:
+            self._close()
+        if self.exit_code is None:
+            self.exit_code = 0
+        log.info("stopped: %d samples received, %d learned", self.samples_received,
+                 self.samples_learned)
+
+    def _close(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        for sock in (self._router, self._pub):
+            if sock is not None:
+                sock.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+
+    def _handle(self, frames: list) -> None:
+        """Answer one request with exactly one reply, whatever it contains."""
+        # DEALER clients send [identity, header, payload?]; REQ clients add an empty delimiter
+        # after the identity. A msgpack header is never empty, so the two cannot be confused.
+        if len(frames) >= 2 and len(frames[1]) == 0:
+            envelope, body = frames[:2], frames[2:]
+        else:
+            envelope, body = frames[:1], frames[1:]
+        header: dict = {}
+        try:
+            if not 1 <= len(body) <= 2:
+                raise WireError(ErrorCode.BAD_REQUEST,
+                                f"expected a header frame and at most one payload frame, "
+                                f"got {len(body)} frames")
+            header = unpack_header(body[0].bytes)
+            payload = body[1].buffer if len(body) == 2 else None
+            op = header["op"]
+            if op == "push":
+                reply = self._op_push(header, payload)
+            elif op in self._ops:
+                reply = ok_reply(header.get("rid"), **self._ops[op](header, payload))
+            else:
+                raise WireError(ErrorCode.UNKNOWN_OP,
+                                f"unknown op {op!r}; this daemon serves "
+                                f"{', '.join(sorted(['push', *self._ops]))}")
+        except WireError as exc:
+            self.refused[exc.code] += 1
+            reply = self._error(header, exc.code, exc.message)
+        except Exception:  # a fault in edgecl: log it, answer, keep serving
+            log.exception("internal error handling a request")
+            self.refused[ErrorCode.INTERNAL] += 1
+            reply = self._error(header, ErrorCode.INTERNAL,
+                                "internal error in the daemon; see its log")
+        self._router.send_multipart([*envelope, pack(reply)], copy=False)
+
+    @staticmethod
+    def _error(header: dict, code: str, message: str, **fields) -> dict:
+        seq = header.get("seq")
+        if type(seq) is int:
+            fields["seq"] = seq
+        rid = header.get("rid") if isinstance(header, dict) else None
+        return error_reply(code, message, rid, **fields)
+
+    def _op_ping(self, header: dict, payload) -> dict:
+        return {"op": "pong", "protocol": PROTOCOL_VERSION, "version": __version__,
+                "credit": self.config.serve.credit_window}
+
+    def _op_status(self, header: dict, payload) -> dict:
+        return {"status": self.status()}
+
+    def _op_push(self, header: dict, payload) -> dict:
+        serve = self.config.serve
+        request = decode_push(header, payload, max_samples=serve.max_batch,
+                              max_bytes=serve.max_push_bytes, spec=self.spec)
+        rid = header.get("rid")
+        previous = self.seen.lookup(request.sensor, request.seq)
+        if previous is not None:
+            first, n = previous
+            self.samples_duplicate += n
+            return ok_reply(rid, seq=request.seq, n=n, range=[first, first + n],
+                            duplicate=True, credit=self._credit(request.x.nbytes))
+        if not self.accepting:
+            self.refused[ErrorCode.SHUTTING_DOWN] += 1
+            return self._error(header, ErrorCode.SHUTTING_DOWN,
+                               "the daemon is shutting down; nothing was accepted",
+                               retry_after_ms=1000)
+        batch = Batch(request.sensor, request.seq, request.x, request.labels,
+                      first=self._next_offset)
+        if not self._commit(batch):
+            self.refused[ErrorCode.BUSY] += 1
+            return self._error(header, ErrorCode.BUSY,
+                               f"queue full ({self.queue.samples} samples waiting to be "
+                               f"learned); nothing was accepted, retry after "
+                               f"{serve.retry_after_ms} ms",
+                               retry_after_ms=serve.retry_after_ms, credit=0)
+        if self.spec is None:
+            self._fix_spec(request.spec)
+        self.seen.record(request.sensor, request.seq, batch.first, batch.n)
+        self._next_offset += batch.n
+        self.samples_received += batch.n
+        self.batches_received += 1
+        self._last_push_by_sensor[request.sensor] = batch.accepted_at
+        return ok_reply(rid, seq=request.seq, n=batch.n, range=[batch.first,
+                                                                 batch.first + batch.n],
+                        credit=self._credit(batch.nbytes))
+
+    def _commit(self, batch: Batch) -> bool:
+        """Make a push accepted, or return False (queue full) having accepted nothing.
+
+        The ack is sent only after this returns True. Durability goes here: check room, append
+        the batch to the journal, then put it on the queue (room cannot vanish in between: only
+        this thread puts). Dedup state is recorded by the caller after this succeeds.
+        """
+        if not self.queue.has_room(batch.nbytes):
+            return False
+        # journal.append(batch) belongs here (durability issue).
+        return self.queue.try_put(batch)
+
+    def _credit(self, batch_bytes: int) -> int:
+        """Pushes this client may have unacknowledged: the window, cut down so that all active
+        sensors together cannot overfill the free room in the queue."""
+        now = time.monotonic()
+        if now - self._active_counted_at > 1.0:
+            recent = {s: t for s, t in self._last_push_by_sensor.items()
+                      if now - t < ACTIVE_SENSOR_S}
+            self._last_push_by_sensor = recent
+            self._active_sensors = max(1, len(recent))
+            self._active_counted_at = now
+        fits = self.queue.free_bytes() // max(1, batch_bytes)
+        return int(max(0, min(self.config.serve.credit_window, fits // self._active_sensors)))
+
+    # ----------------------------------------------------------------- the input spec
+
+    def _resolve_spec(self, configured: InputSpec | None) -> InputSpec | None:
+        """The spec from config, else the one recorded in the state dir by an earlier run."""
+        path = self.state_dir / SPEC_FILE
+        recorded = None
+        if path.exists():
+            try:
+                recorded = InputSpec(**json.loads(path.read_text()))
+            except (ValueError, TypeError) as exc:
+                raise UserError(f"{path} is damaged ({exc}); delete it to take the input spec "
+                                "from the next push") from None
+        if configured and recorded and configured != recorded:
+            raise UserError(f"the configured input {configured.as_dict()} differs from "
+                            f"{recorded.as_dict()} recorded in {path}; use another --state-dir "
+                            "or delete that file")
+        spec = configured or recorded
+        if spec is not None:
+            self._write_spec(spec)
+        return spec
+
+    def _fix_spec(self, spec: InputSpec) -> None:
+        self.spec = spec
+        self._write_spec(spec)
+        log.info("input spec fixed by the first push: %s", spec.as_dict())
+
+    def _write_spec(self, spec: InputSpec) -> None:
+        path = self.state_dir / SPEC_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(spec.as_dict()))
+        os.replace(tmp, path)
+
+    # ----------------------------------------------------------------- the learner thread
+
+    def _learn_loop(self) -> None:
+        """The only code that touches the learner. Ends when the queue is closed and drained."""
+        interval = self.config.serve.stats_interval_s
+        last_published = 0.0
+        while True:
+            batches = self.queue.take(self.config.serve.learn_batch, timeout=interval)
+            if batches is None:
+                break
+            if batches:
+                self._learn(batches)
+            now = time.monotonic()
+            if now - last_published >= interval:
+                self._publish_stats()
+                last_published = now
+        for hook in self._learner_hooks:
+            self._run_hook(hook, final=True)
+        self._publish_stats()
+
+    def _learn(self, batches: list[Batch]) -> None:
+        """One learn_many call (one optimizer step) per `learn_batch` samples: small pushes are
+        merged, large ones split, so the step size does not depend on how sensors batch."""
+        if len(batches) == 1:
+            x, labels = batches[0].x, batches[0].labels
+        else:
+            x = np.concatenate([b.x for b in batches])
+            labels = [label for b in batches for label in b.labels]
+        size = self.config.serve.learn_batch
+        for start in range(0, len(labels), size):
+            chunk_labels = labels[start:start + size]
+            n = len(chunk_labels)
+            try:
+                self.learner.learn_many(x[start:start + size], chunk_labels)
+                failed = 0
+            except Exception as exc:  # a learner fault must not kill the daemon; it is logged
+                log.exception("learner failed on %d samples", n)
+                failed = n
+                with self._stats_lock:
+                    self.learner_error = f"{type(exc).__name__}: {exc}"
+            with self._stats_lock:
+                self.samples_learned += n - failed
+                self.samples_failed += failed
+            for hook in self._learner_hooks:
+                self._run_hook(hook, final=False)
+        self.queue.done(batches)
+
+    def _run_hook(self, hook: LearnerHook, final: bool) -> None:
+        try:
+            hook(self.learner, self.samples_learned, final)
+        except Exception:
+            log.exception("learner hook %r failed", hook)
+
+    def _publish_stats(self) -> None:
+        try:
+            stats = self.learner.stats()
+        except Exception:
+            log.exception("learner.stats() failed")
+            return
+        with self._stats_lock:
+            self._learner_stats = stats
+
+    # ----------------------------------------------------------------- status
+
+    def status(self) -> dict:
+        """The figures behind `edgecl status` and /metrics; cheap, callable from any thread.
+
+        Keys are a stable schema (docs/protocol.md); labels keep their type, so per-class
+        accuracy is a list of {label, acc} rather than a map keyed by label.
+        """
+        with self._stats_lock:
+            stats = self._learner_stats
+            learned, failed = self.samples_learned, self.samples_failed
+            learner_error = self.learner_error
+            extra = self._extra_status
+        classes = list(stats.get("classes", []))
+        per_class = stats.get("per_class_acc", {})
+        status = {
+            "protocol": PROTOCOL_VERSION,
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "accepting": self.accepting,
+            "input_spec": self.spec.as_dict() if self.spec else None,
+            "samples_received": self.samples_received,
+            "samples_learned": learned,
+            "samples_failed": failed,
+            "samples_duplicate": self.samples_duplicate,
+            "batches_received": self.batches_received,
+            "queue_depth": self.samples_received - learned - failed,
+            "queue_bytes": self.queue.bytes,
+            "queue_capacity_bytes": self.queue.capacity_bytes,
+            "refused": dict(self.refused),
+            "sensors": len(self.seen),
+            "classes": classes,
+            "n_classes": len(classes),
+            "prequential_acc": stats.get("prequential_acc"),
+            "prequential_acc_window": stats.get("prequential_acc_window"),
+            "per_class_acc": [{"label": label, "acc": per_class[label]}
+                              for label in classes if label in per_class],
+            "buffer_fill": stats.get("buffer_fill"),
+            "buffer_capacity": stats.get("buffer_capacity"),
+            "buffer_bytes": stats.get("buffer_bytes"),
+            "steps": stats.get("steps"),
+            "steps_per_s": stats.get("steps_per_s"),
+            "skipped_steps": stats.get("skipped_steps"),
+            "snapshot_version": None,
+            "learner_error": learner_error,
+        }
+        status.update(extra)
+        return status

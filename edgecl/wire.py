@@ -1,0 +1,246 @@
+"""The wire protocol: frames, header checks and error codes, shared by daemon and clients.
+
+docs/protocol.md is the human contract; this module is its executable form. Nothing here
+touches a socket or torch, so it is cheap to test and to reuse from any client.
+
+A request is one or two ZeroMQ frames after the routing envelope:
+    [header: msgpack map]                  ping, status
+    [header: msgpack map, payload: bytes]  push (a C-contiguous array, little-endian)
+A reply is always one msgpack map frame.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+# dtype names on the wire -> numpy dtype. Explicit little-endian so a big-endian host decodes
+# the same bytes the same way.
+DTYPES = {"uint8": np.dtype("u1"), "float32": np.dtype("<f4")}
+
+MAX_LABEL_CHARS = 256
+MAX_SENSOR_CHARS = 128
+
+
+class ErrorCode:
+    """Every error code a reply can carry. `RETRYABLE` ones mean: send the same request later."""
+
+    BAD_REQUEST = "bad_request"      # not a msgpack map, wrong frame count, missing/ill-typed field
+    BAD_VERSION = "bad_version"      # header "v" missing or not PROTOCOL_VERSION
+    UNKNOWN_OP = "unknown_op"        # "op" is not one the daemon serves
+    BAD_SHAPE = "bad_shape"          # shape not [N, C, H, W], payload size mismatch, or spec mismatch
+    BAD_DTYPE = "bad_dtype"          # dtype not in DTYPES, or not the daemon's input dtype
+    BAD_VALUE = "bad_value"          # float32 sample outside [0, 1] or not finite
+    BAD_LABEL = "bad_label"          # label count != N, or a label is not an int or a short string
+    TOO_LARGE = "too_large"          # more samples or bytes in one push than the daemon allows
+    BUSY = "busy"                    # queue full: nothing was accepted, retry after retry_after_ms
+    SHUTTING_DOWN = "shutting_down"  # daemon is draining: nothing was accepted, try again later
+    INTERNAL = "internal"            # a fault in edgecl itself; the daemon logged a traceback
+
+    ALL = (BAD_REQUEST, BAD_VERSION, UNKNOWN_OP, BAD_SHAPE, BAD_DTYPE, BAD_VALUE, BAD_LABEL,
+           TOO_LARGE, BUSY, SHUTTING_DOWN, INTERNAL)
+    RETRYABLE = (BUSY, SHUTTING_DOWN)
+
+
+class WireError(Exception):
+    """A request the daemon refuses: becomes an error reply, never a crash."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def pack(obj: dict) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack_header(frame: bytes) -> dict:
+    """Decode a request header; anything but a msgpack map with the right version is refused."""
+    try:
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise WireError(ErrorCode.BAD_REQUEST, f"header is not valid msgpack ({exc})") from None
+    if not isinstance(header, dict):
+        raise WireError(ErrorCode.BAD_REQUEST,
+                        f"header must be a msgpack map, got {type(header).__name__}")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise WireError(ErrorCode.BAD_VERSION,
+                        f"protocol version {version!r} is not supported; this daemon speaks "
+                        f"v={PROTOCOL_VERSION}")
+    op = header.get("op")
+    if not isinstance(op, str):
+        raise WireError(ErrorCode.BAD_REQUEST, "header needs a string field 'op'")
+    return header
+
+
+def unpack_reply(frame: bytes) -> dict:
+    reply = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    if not isinstance(reply, dict) or "ok" not in reply:
+        raise ValueError(f"malformed reply from daemon: {reply!r}"[:200])
+    return reply
+
+
+def ok_reply(rid: Any = None, **fields) -> dict:
+    reply = {"v": PROTOCOL_VERSION, "ok": True, **fields}
+    if rid is not None:
+        reply["rid"] = rid
+    return reply
+
+
+def error_reply(code: str, message: str, rid: Any = None, **fields) -> dict:
+    reply = {"v": PROTOCOL_VERSION, "ok": False, "error": code, "message": message, **fields}
+    if rid is not None:
+        reply["rid"] = rid
+    return reply
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What every pushed sample must look like once the daemon has fixed it."""
+
+    channels: int
+    height: int
+    width: int
+    dtype: str
+
+    @property
+    def sample_bytes(self) -> int:
+        return self.channels * self.height * self.width * DTYPES[self.dtype].itemsize
+
+    def as_dict(self) -> dict:
+        return {"channels": self.channels, "height": self.height, "width": self.width,
+                "dtype": self.dtype}
+
+
+@dataclass
+class PushRequest:
+    """A validated push. `x` is a zero-copy view over the payload frame's memory."""
+
+    sensor: str
+    seq: int
+    x: np.ndarray
+    labels: list
+
+    @property
+    def spec(self) -> InputSpec:
+        n, c, h, w = self.x.shape
+        return InputSpec(c, h, w, _dtype_name(self.x.dtype))
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    for name, dt in DTYPES.items():
+        if dt == dtype:
+            return name
+    raise KeyError(dtype)
+
+
+def _require(header: dict, key: str, kind: type | tuple, what: str):
+    value = header.get(key)
+    # bool is an int subclass; a true/false is never a valid count, seq or label
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise WireError(ErrorCode.BAD_REQUEST, f"push needs '{key}': {what}")
+    return value
+
+
+def check_labels(labels: Any, n: int) -> list:
+    """Labels are ints or strings, exactly one per sample; 1 and "1" are different labels."""
+    if not isinstance(labels, list):
+        raise WireError(ErrorCode.BAD_LABEL, "'labels' must be an array with one label per sample")
+    if len(labels) != n:
+        raise WireError(ErrorCode.BAD_LABEL, f"got {len(labels)} labels for {n} samples")
+    for i, label in enumerate(labels):
+        kind = type(label)
+        if kind is int:
+            continue
+        if kind is str:
+            if 0 < len(label) <= MAX_LABEL_CHARS:
+                continue
+            raise WireError(ErrorCode.BAD_LABEL,
+                            f"label {i} is a string of {len(label)} chars; "
+                            f"use 1..{MAX_LABEL_CHARS}")
+        raise WireError(ErrorCode.BAD_LABEL,
+                        f"label {i} is {kind.__name__} {label!r}; labels must be ints or strings")
+    return labels
+
+
+def decode_push(header: dict, payload: Any, *, max_samples: int, max_bytes: int,
+                spec: InputSpec | None) -> PushRequest:
+    """Validate a push header against its payload frame and the daemon's input spec.
+
+    `payload` is anything exposing the buffer protocol (a zmq.Frame's .buffer, bytes). The
+    returned array shares that memory: the batch is never copied per sample.
+    """
+    sensor = _require(header, "sensor", str, "a sensor name string")
+    if not 0 < len(sensor) <= MAX_SENSOR_CHARS:
+        raise WireError(ErrorCode.BAD_REQUEST, f"'sensor' must have 1..{MAX_SENSOR_CHARS} chars")
+    seq = _require(header, "seq", int, "an integer sequence number, unique per sensor")
+    shape = header.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 4
+            or not all(type(d) is int and d > 0 for d in shape)):
+        raise WireError(ErrorCode.BAD_SHAPE,
+                        f"'shape' must be [N, C, H, W] with positive ints, got {shape!r}")
+    dtype_name = header.get("dtype")
+    if dtype_name not in DTYPES:
+        raise WireError(ErrorCode.BAD_DTYPE,
+                        f"dtype {dtype_name!r} is not supported; use one of {sorted(DTYPES)}")
+    n = shape[0]
+    if n > max_samples:
+        raise WireError(ErrorCode.TOO_LARGE,
+                        f"{n} samples in one push; this daemon takes at most {max_samples}, "
+                        "split the batch")
+    if payload is None:
+        raise WireError(ErrorCode.BAD_REQUEST, "push needs a second frame holding the samples")
+    view = memoryview(payload)
+    if view.nbytes > max_bytes:
+        raise WireError(ErrorCode.TOO_LARGE,
+                        f"payload of {view.nbytes} bytes; this daemon takes at most {max_bytes} "
+                        "per push, split the batch")
+    dtype = DTYPES[dtype_name]
+    expected = n * shape[1] * shape[2] * shape[3] * dtype.itemsize
+    if view.nbytes != expected:
+        raise WireError(ErrorCode.BAD_SHAPE,
+                        f"payload has {view.nbytes} bytes but shape {shape} of {dtype_name} "
+                        f"needs {expected}")
+    if spec is not None:
+        if (shape[1], shape[2], shape[3]) != (spec.channels, spec.height, spec.width):
+            raise WireError(ErrorCode.BAD_SHAPE,
+                            f"samples are {shape[1:]} but this daemon learns "
+                            f"[{spec.channels}, {spec.height}, {spec.width}] (C, H, W)")
+        if dtype_name != spec.dtype:
+            raise WireError(ErrorCode.BAD_DTYPE,
+                            f"samples are {dtype_name} but this daemon learns {spec.dtype}")
+    labels = check_labels(header.get("labels"), n)
+    x = np.frombuffer(view, dtype=dtype).reshape(shape)
+    if dtype_name == "float32":
+        # One vectorised pass; NaN fails both comparisons, so it is caught too.
+        if not (x.size == 0 or (float(x.min()) >= 0.0 and float(x.max()) <= 1.0)):
+            raise WireError(ErrorCode.BAD_VALUE,
+                            "float32 samples must be finite and within [0, 1]")
+    return PushRequest(sensor=sensor, seq=seq, x=x, labels=labels)
+
+
+def push_header(sensor: str, seq: int, x: np.ndarray, labels: list, rid: Any = None) -> dict:
+    """The header a client sends with `x` (N, C, H, W) as the payload frame."""
+    header = {"v": PROTOCOL_VERSION, "op": "push", "sensor": sensor, "seq": int(seq),
+              "shape": [int(d) for d in x.shape], "dtype": _dtype_name(x.dtype),
+              "labels": labels}
+    if rid is not None:
+        header["rid"] = rid
+    return header
+
+
+def plain_label(label: Any) -> int | str:
+    """Turn numpy scalars into the Python int/str msgpack sends; refuse anything else early."""
+    if isinstance(label, (bool, np.bool_)):
+        raise TypeError(f"label {label!r} is a bool; labels must be ints or strings")
+    if isinstance(label, (int, np.integer)):
+        return int(label)
+    if isinstance(label, (str, np.str_)):
+        return str(label)
+    raise TypeError(f"label {label!r} is {type(label).__name__}; labels must be ints or strings")
