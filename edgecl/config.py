@@ -113,9 +113,14 @@ class Config:
                 raise UserError(f"learner.{key}: unknown key; known keys: "
                                 f"{', '.join(sorted(known))}")
         try:
-            return LearnerConfig(**self.learner)
+            learner_config = LearnerConfig(**self.learner)
+            validate = getattr(learner_config, "validate", None)
+            if validate is not None:
+                validate()
         except (TypeError, ValueError) as exc:
-            raise UserError(f"learner: {exc}") from None
+            raise UserError(f"learner.{exc}" if str(exc).split(":")[0] in known
+                            else f"learner: {exc}") from None
+        return learner_config
 
 
 SECTIONS = {"serve": ServeConfig, "input": InputConfig}
