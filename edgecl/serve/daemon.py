@@ -231,7 +231,8 @@ class Daemon:
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self.bind()
+            if self._router is None:
+                self.bind()
             self._learner_thread = threading.Thread(target=self._learn_loop,
                                                     name="edgecl-learner", daemon=True)
             self._learner_thread.start()

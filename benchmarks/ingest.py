@@ -1,0 +1,255 @@
+"""Acked ingest throughput of `edgecl serve` while the learner trains, plus ack and status
+latency. Writes its section of BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/ingest.py            # full run, updates BENCHMARKS.md
+    .venv/bin/python benchmarks/ingest.py --quick    # smaller, prints only
+
+Scenarios, each on a fresh daemon (separate process, default learner, default 64 MiB queue):
+- burst, 1 and 4 clients: 1x28x28 uint8 batches of 64, as fast as acks come back. The pushed
+  total fits in the queue, so this is the rate at which the daemon accepts and acks.
+- sustained, 4 clients, small queue: more samples than the queue holds, so once it is full the
+  acked rate falls to the learning rate and clients get `busy`. Shows the bound holds.
+During every scenario a separate client asks for `status` every 20 ms.
+Clients are separate processes (as real sensors are), so they do not share the daemon's GIL.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BATCH = 64
+SHAPE = (1, 28, 28)
+
+
+def run_daemon(port_queue, serve_overrides: dict, state_dir: str) -> None:
+    """Child process: the daemon, exactly as `edgecl serve` runs it (signals included)."""
+    import logging
+    logging.basicConfig(level=logging.WARNING)
+    from edgecl.config import Config
+    from edgecl.serve.daemon import Daemon
+
+    config = Config()
+    config.serve.port = 0
+    config.serve.bind = "127.0.0.1"
+    config.serve.state_dir = state_dir
+    for key, value in serve_overrides.items():
+        setattr(config.serve, key, value)
+    daemon = Daemon(config)
+    daemon.bind()
+    port_queue.put(daemon.port)
+    sys.exit(daemon.serve())
+
+
+def run_sensor(address: str, name: str, samples: int, start_event, results) -> None:
+    """Child process: one sensor pushing `samples` in batches of 64 as fast as it is acked."""
+    from edgecl.client import SensorClient
+
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    x = rng.integers(0, 256, (BATCH, *SHAPE), dtype=np.uint8)
+    labels = [int(v) for v in rng.integers(0, 10, BATCH)]
+    client = SensorClient(address, sensor=name, timeout=10.0)
+    start_event.wait()
+    started = time.perf_counter()
+    for _ in range(samples // BATCH):
+        client.push(x, labels)
+    client.flush()
+    elapsed = time.perf_counter() - started
+    client.close()
+    s = client.stats
+    results.put({"name": name, "acked": s.acked_samples, "elapsed": elapsed, "busy": s.busy,
+                 "retried": s.retried, "started": started, "ended": started + elapsed,
+                 "ack_latency": s.ack_latency_s})
+
+
+def poll_status(address: str, stop: threading.Event, out: dict) -> None:
+    from edgecl.client import Connection
+
+    latencies, depths, learned = [], [], []
+    with Connection(address, timeout=5.0) as conn:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            status = conn.request("status")["status"]
+            t1 = time.perf_counter()
+            latencies.append(t1 - t0)
+            depths.append(status["queue_depth"])
+            learned.append((t1, status["samples_learned"]))
+            stop.wait(0.02)
+    out["latency"], out["depth"], out["learned"] = latencies, depths, learned
+
+
+def percentile_ms(values, q) -> float:
+    return float(np.percentile(np.asarray(values) * 1000.0, q)) if values else float("nan")
+
+
+def scenario(name: str, clients: int, per_client: int, serve_overrides: dict,
+             warmup: int, hold_s: float) -> dict:
+    from edgecl.client import SensorClient, get_status
+
+    ctx = mp.get_context("spawn")
+    port_queue = ctx.Queue()
+    state_dir = f"/tmp/edgecl-bench-ingest-{os.getpid()}-{name}"
+    daemon = ctx.Process(target=run_daemon, args=(port_queue, serve_overrides, state_dir))
+    daemon.start()
+    try:
+        port = port_queue.get(timeout=120)
+        address = f"tcp://127.0.0.1:{port}"
+        # Warm-up: the learner builds its model on the first batch; measure while it trains.
+        rng = np.random.default_rng(0)
+        with SensorClient(address, sensor="warmup") as warm:
+            for _ in range(warmup // BATCH):
+                warm.push(rng.integers(0, 256, (BATCH, *SHAPE), dtype=np.uint8),
+                          [int(v) for v in rng.integers(0, 10, BATCH)])
+        deadline = time.monotonic() + 120
+        while get_status(address)["samples_learned"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        start_event, results = ctx.Event(), ctx.Queue()
+        sensors = [ctx.Process(target=run_sensor,
+                               args=(address, f"sensor{i}", per_client, start_event, results))
+                   for i in range(clients)]
+        for p in sensors:
+            p.start()
+        time.sleep(2.0)  # let every client process import and connect
+        stop, polled = threading.Event(), {}
+        poller = threading.Thread(target=poll_status, args=(address, stop, polled))
+        poller.start()
+        start_event.set()
+        outcomes = [results.get(timeout=1800) for _ in sensors]
+        time.sleep(hold_s)  # status keeps being asked while the learner works on the queue
+        stop.set()
+        poller.join()
+        for p in sensors:
+            p.join(30)
+        after = get_status(address)
+        assert after["samples_received"] == warmup // BATCH * BATCH + sum(
+            o["acked"] for o in outcomes), "acked samples missing from the daemon's count"
+    finally:
+        if daemon.is_alive():
+            daemon.terminate()  # SIGTERM, then a second one: do not wait to learn the queue
+            time.sleep(0.5)
+            daemon.terminate()
+        daemon.join(60)
+        if daemon.is_alive():
+            daemon.kill()
+            daemon.join()
+
+    wall = max(o["ended"] for o in outcomes) - min(o["started"] for o in outcomes)
+    acked = sum(o["acked"] for o in outcomes)
+    ack_latency = [v for o in outcomes for v in o["ack_latency"]]
+    (t_first, n_first), (t_last, n_last) = polled["learned"][0], polled["learned"][-1]
+    return {
+        "name": name, "clients": clients, "acked": acked, "wall_s": wall,
+        "acked_per_s": acked / wall,
+        "learned_per_s": (n_last - n_first) / max(1e-9, t_last - t_first),
+        "status_window_s": t_last - t_first,
+        "busy": sum(o["busy"] for o in outcomes), "retried": sum(o["retried"] for o in outcomes),
+        "ack_p50_ms": percentile_ms(ack_latency, 50), "ack_p99_ms": percentile_ms(ack_latency, 99),
+        "status_n": len(polled["latency"]),
+        "status_p50_ms": percentile_ms(polled["latency"], 50),
+        "status_p99_ms": percentile_ms(polled["latency"], 99),
+        "max_queue_depth": max(polled["depth"] or [0]),
+        "queue_capacity": after["queue_capacity_bytes"] // int(np.prod(SHAPE)),
+    }
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
+    except (OSError, AttributeError):
+        pass
+    import zmq
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, pyzmq {zmq.__version__} / libzmq "
+            f"{zmq.zmq_version()}; load average at start {load}")
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| scenario | clients | acked samples | acked/s | learned/s | busy replies "
+            "| ack p50 / p99 ms | status p50 / p99 ms (n) | max queue depth / capacity |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    return head + "".join(
+        f"| {r['name']} | {r['clients']} | {r['acked']:,} | {r['acked_per_s']:,.0f} | "
+        f"{r['learned_per_s']:,.0f} | {r['busy']:,} | {r['ack_p50_ms']:.2f} / "
+        f"{r['ack_p99_ms']:.2f} | {r['status_p50_ms']:.2f} / {r['status_p99_ms']:.2f} "
+        f"({r['status_n']}) | {r['max_queue_depth']:,} / {r['queue_capacity']:,} |\n"
+        for r in rows)
+
+
+def write_section(text: str, path: Path) -> None:
+    """Replace this script's section of BENCHMARKS.md, leaving every other section alone."""
+    begin, end = "<!-- ingest:begin -->", "<!-- ingest:end -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    current = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if begin in current and end in current:
+        current = current[:current.index(begin)] + block + \
+            current[current.index(end) + len(end) + 1:]
+    else:
+        current = current.rstrip() + "\n\n" + block
+    path.write_text(current)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small run; do not write the file")
+    parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    scale = 0.25 if args.quick else 1.0
+    per = int(40_000 * scale) // BATCH * BATCH
+    small_queue_mb = 2.0  # ~2,600 samples of 1x28x28
+    plan = [
+        ("burst", 1, per, {}),
+        ("burst", 4, per // 4, {}),
+        ("sustained, 2 MiB queue", 4, int(2_500 * scale) // BATCH * BATCH or BATCH,
+         {"queue_mb": small_queue_mb}),
+    ]
+    header = machine()
+    print(header, flush=True)
+    rows = []
+    for name, clients, per_client, overrides in plan:
+        print(f"running {name} with {clients} client(s), {per_client} samples each ...",
+              flush=True)
+        row = scenario(name, clients, per_client, overrides, warmup=640,
+                       hold_s=2.0 if args.quick else 8.0)
+        rows.append(row)
+        print(table([row]), flush=True)
+    text = table(rows)
+    print(text)
+    if not args.quick:
+        command = "make venv && .venv/bin/python benchmarks/ingest.py"
+        section = (
+            "## Ingest: `edgecl serve` acked throughput and latency\n\n"
+            f"Command: `{command}` (script: `benchmarks/ingest.py`; "
+            f"run {time.strftime('%Y-%m-%d %H:%M %Z')}).\n\n"
+            f"Machine: {header}. The machine was shared with other work running at the same "
+            "time, so treat these as lower bounds.\n\n"
+            "1x28x28 uint8 samples, batches of 64, default daemon settings (64 MiB queue, "
+            "credit window 8) and default learner (derpp+ewcpp, buffer 200) training throughout. "
+            "Daemon and each client are separate processes. *burst*: the pushed total fits "
+            "in the queue, so acked/s is the daemon's ingest rate. *sustained*: more than a "
+            "2 MiB queue holds, so once it fills acks are paced by learning (`busy` replies, "
+            "whose back-off is inside the ack latency) and the queue depth stays within its "
+            "bound. Another client requests status every 20 ms from the start of pushing until "
+            "8 s after the last ack (the learner trains throughout); *learned/s* is the "
+            "learning rate over that window. Ack latency is first send to ack, per batch.\n\n"
+            + text)
+        write_section(section, Path(args.out))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
