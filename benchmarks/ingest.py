@@ -213,7 +213,7 @@ def main() -> int:
     plan = [
         ("burst", 1, per, {}),
         ("burst", 4, per // 4, {}),
-        ("sustained, 2 MiB queue", 4, int(2_500 * scale) // BATCH * BATCH or BATCH,
+        ("sustained, 2 MiB queue", 4, int(1_250 * scale) // BATCH * BATCH or BATCH,
          {"queue_mb": small_queue_mb}),
     ]
     header = machine()

@@ -125,33 +125,35 @@ def test_push_and_status_commands(serve, tmp_path):
     assert "'a'" in table.stdout
 
 
-def test_user_errors_are_one_line_and_exit_2(tmp_path):
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    """In-process through cli.main: the same path as the console script, without startup cost."""
+    from edgecl.cli import main
+
+    def run(*argv) -> str:
+        code = main(list(argv))
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "Traceback" not in err
+        return err.strip().splitlines()[-1]
+
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
     blocker.listen()
     port = blocker.getsockname()[1]
     try:
-        busy = run_cli("serve", "--port", str(port), "--state-dir", str(tmp_path / "s"),
-                       *SERVE_FLAGS)
+        line = run("serve", "--port", str(port), "--state-dir", str(tmp_path / "s"),
+                   *SERVE_FLAGS)
     finally:
         blocker.close()
-    assert busy.returncode == 2
-    assert busy.stderr.strip().splitlines()[-1].startswith("edgecl: error: port")
-    assert "already in use" in busy.stderr and "Traceback" not in busy.stderr
+    assert line.startswith(f"edgecl: error: port {port}") and "already in use" in line
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[serve]\nqueue_megabytes = 3\n")
-    result = run_cli("serve", "--config", str(bad))
-    assert result.returncode == 2 and "serve.queue_megabytes" in result.stderr
-    assert "Traceback" not in result.stderr
-
-    result = run_cli("serve", "--port", "0", "--state-dir", str(tmp_path / "s"),
-                     "--set", "learner.buffer_sise=3")
-    assert result.returncode == 2 and "learner.buffer_sise" in result.stderr
-
-    result = run_cli("push", str(tmp_path / "missing.npz"), "--to", "tcp://127.0.0.1:1")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-
-    result = run_cli("status", "--from", "tcp://127.0.0.1:1", "--timeout", "0.2",
-                     "--retries", "0")
-    assert result.returncode == 2 and "no reply" in result.stderr
+    assert "serve.queue_megabytes" in run("serve", "--config", str(bad))
+    assert "learner.buffer_sise" in run("serve", "--port", "0", "--state-dir",
+                                        str(tmp_path / "s"), "--set", "learner.buffer_sise=3")
+    assert "no such file" in run("push", str(tmp_path / "missing.npz"),
+                                 "--to", "tcp://127.0.0.1:1")
+    assert "--batch" in run("push", "mnist5k", "--batch", "0")
+    assert "no reply" in run("status", "--from", "tcp://127.0.0.1:1", "--timeout", "0.2",
+                             "--retries", "0")
