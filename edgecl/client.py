@@ -318,6 +318,8 @@ def _as_batch(x, y) -> tuple[np.ndarray, list]:
         x = x[:, None]
     if x.ndim != 4:
         raise ValueError(f"samples must be (N, C, H, W) or (N, H, W), got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise ValueError("empty batch: nothing to push")
     if len(labels) != x.shape[0]:
         raise ValueError(f"{x.shape[0]} samples but {len(labels)} labels")
     if x.dtype == np.float64:

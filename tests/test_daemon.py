@@ -322,3 +322,25 @@ def test_metrics_endpoint_serves_the_status_figures(start_daemon):
     assert 'edgecl_refused_total{code="unknown_op"} 1.0' in text
     assert "edgecl_prequential_accuracy " in text
     assert "edgecl_class_accuracy{label=" in text
+
+
+def test_a_learner_fault_is_contained_and_reported(start_daemon):
+    """Fault injection: one learn_many call raises; the daemon logs it, counts the samples as
+    failed, reports the error in status, and keeps learning what follows."""
+    daemon = start_daemon(learn_batch=32)
+    real = daemon.learner.learn_many
+    calls = []
+
+    def flaky(x, y):
+        calls.append(len(y))
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return real(x, y)
+
+    daemon.learner.learn_many = flaky
+    for seq in (1, 2):
+        assert raw_request(daemon.address, *push_frames(DIGITS[:32], LABELS[:32], seq=seq))["ok"]
+    status = wait_for(lambda: (s := get_status(daemon.address))["samples_learned"] == 32 and s)
+    assert status["samples_failed"] == 32 and status["queue_depth"] == 0
+    assert status["learner_error"] == "RuntimeError: injected fault"
+    assert ping(daemon.address)["ok"]

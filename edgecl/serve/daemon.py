@@ -108,7 +108,6 @@ class Daemon:
         self._ops: dict[str, OpHandler] = {"ping": self._op_ping, "status": self._op_status}
         self._announcements: deque[tuple[str, dict]] = deque()
         self._stop_requests = 0
-        self._stop_lock = threading.Lock()
         self._ctx: zmq.Context | None = None
         self._router: zmq.Socket | None = None
         self._pub: zmq.Socket | None = None
@@ -249,8 +248,8 @@ class Daemon:
     def stop(self) -> None:
         """Request shutdown; safe from any thread and from a signal handler. The first call
         drains the queue, a second one abandons it."""
-        with self._stop_lock:
-            self._stop_requests += 1
+        # No lock: this runs inside signal handlers, where taking one can deadlock.
+        self._stop_requests += 1
 
     def join(self, timeout: float | None = None) -> int | None:
         """Wait for a `start()`ed daemon to finish; returns its exit code (None if still up)."""
@@ -466,7 +465,23 @@ class Daemon:
     # ----------------------------------------------------------------- the learner thread
 
     def _learn_loop(self) -> None:
-        """The only code that touches the learner. Ends when the queue is closed and drained."""
+        """The only code that touches the learner. Ends when the queue is closed and drained.
+
+        learn_many errors are contained per step (see _learn). Anything else escaping here is a
+        bug in edgecl: the daemon then stops (exit 1) rather than ack samples it can never learn.
+        """
+        try:
+            self._learn_until_drained()
+        except Exception as exc:
+            log.exception("learner thread crashed; stopping the daemon")
+            with self._stats_lock:
+                self.learner_error = f"{type(exc).__name__}: {exc}"
+            self.exit_code = 1
+            self.stop()
+            self.stop()
+            self.queue.abandon()
+
+    def _learn_until_drained(self) -> None:
         interval = self.config.serve.stats_interval_s
         last_published = 0.0
         while True:
