@@ -19,10 +19,12 @@ Extension points, for the snapshot and durability work:
 - `register_op(name, handler)` adds a request op (snapshot info, chunk fetch) to the socket loop.
 - `announce(topic, payload)` publishes on the PUB socket from any thread.
 - `update_status(**fields)` adds fields (e.g. snapshot_version) to `status` from any thread.
+A feature module listed in ATTACHMENTS gets `attach(daemon)` called to use these.
 """
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import logging
 import os
@@ -49,6 +51,11 @@ SPEC_FILE = "input_spec.json"
 ACTIVE_SENSOR_S = 5.0       # a sensor that pushed this recently shares the queue's free room
 POLL_MS = 20                # how often the loop looks at stop requests and announcements
 MAX_DRAIN_PER_POLL = 256    # requests handled per wake-up: fewer GIL hand-offs under load
+
+# Features that ride on the daemon (snapshots/export, the journal) attach themselves here: each
+# module named has `attach(daemon)`, called at the end of Daemon.__init__, which registers ops,
+# learner hooks and status fields through the extension points above. One line per feature.
+ATTACHMENTS: list[str] = []
 
 OpHandler = Callable[[dict, Any], dict]
 LearnerHook = Callable[[Any, int, bool], None]
@@ -116,6 +123,8 @@ class Daemon:
         self._learner_thread: threading.Thread | None = None
         self.exit_code: int | None = None
         self._bound = threading.Event()
+        for name in ATTACHMENTS:
+            importlib.import_module(name).attach(self)
 
     def _learner_config(self):
         """The configured LearnerConfig; unless `learner.threads` is set, torch gets all cores
