@@ -235,7 +235,8 @@ def main() -> int:
             f"Command: `{command}` (script: `benchmarks/ingest.py`; "
             f"run {time.strftime('%Y-%m-%d %H:%M %Z')}).\n\n"
             f"Machine: {header}. The machine was shared with other work running at the same "
-            "time, so treat these as lower bounds.\n\n"
+            "time (load average above), so rates, the learning rate most of all, are likely "
+            "lower than on an idle machine of this kind.\n\n"
             "1x28x28 uint8 samples, batches of 64, default daemon settings (64 MiB queue, "
             "credit window 8) and default learner (derpp+ewcpp, buffer 200) training throughout. "
             "Daemon and each client are separate processes. *burst*: the pushed total fits "
@@ -245,7 +246,10 @@ def main() -> int:
             "bound. Another client requests status every 20 ms from the start of pushing until "
             "8 s after the last ack (the learner trains throughout); *learned/s* is the "
             "learning rate over that window. Ack latency is first send to ack, per batch.\n\n"
-            + text)
+            + text + "\nIn the sustained run the sensors push far faster than the learner learns, "
+            "so acks are paced by learning. Room frees one batch at a time and goes to whichever "
+            "sensor's retry arrives first: `busy` retries are not served in arrival order, "
+            "hence the long ack-latency tail there.\n")
         write_section(section, Path(args.out))
         print(f"wrote {args.out}")
     return 0
