@@ -101,8 +101,8 @@ def test_refusal_raises_with_code_and_seq(scripted):
     server = scripted(lambda h: error_reply(ErrorCode.BAD_SHAPE, "samples are [1, 2, 2] but "
                                             "this daemon learns [1, 28, 28]", seq=h["seq"]))
     client = SensorClient(server.address, sensor="s", timeout=2, first_seq=9)
-    client.push(X, [0, 1, 2, 3])
-    with pytest.raises(PushRefused) as info:
+    with pytest.raises(PushRefused) as info:  # from push() or flush(), whichever gets it
+        client.push(X, [0, 1, 2, 3])
         client.flush()
     assert info.value.code == ErrorCode.BAD_SHAPE and info.value.seq == 9
     assert "28, 28" in str(info.value)
@@ -136,8 +136,8 @@ def test_no_daemon_raises_unavailable():
     port = probe.bind_to_random_port("tcp://127.0.0.1")
     probe.close()  # nothing listens there now
     client = SensorClient(f"tcp://127.0.0.1:{port}", sensor="s", timeout=0.1, retries=1)
-    client.push(X, [0] * 4)
     with pytest.raises(DaemonUnavailable, match="no ack"):
+        client.push(X, [0] * 4)
         client.flush(timeout=5)
     client.close(flush=False)
 
