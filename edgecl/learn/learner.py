@@ -1,0 +1,429 @@
+"""OnlineLearner: predict each incoming mini-batch, then learn it, with replay and regularizers.
+
+Usable from a notebook with no daemon:
+
+    learner = OnlineLearner(LearnerConfig(method="derpp+ewcpp", buffer_size=200))
+    for x, y in stream:                 # x: (N, C, H, W) uint8, y: ints or strings
+        learner.learn_many(x, y)
+    learner.predict_many(x_test)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgecl.learn.buffer import ReservoirBuffer
+from edgecl.learn.metrics import PrequentialAccuracy
+from edgecl.learn.terms import TERMS, Step, Term
+from edgecl.models import EdgeNet, TEACHERS, build_student, build_teacher
+
+AUGMENTS = ("shift", "shift+flip", "none")
+
+
+@dataclass
+class LearnerConfig:
+    """Everything that shapes learning. Defaults are the tuned Split-MNIST setting."""
+    method: str = "derpp+ewcpp"      # '+'-joined terms, or 'finetune' for none
+    buffer_size: int = 200           # reservoir capacity, samples
+    lr: float = 0.05
+    momentum: float = 0.0
+    seed: int = 0
+    teacher: str = "none"            # 'none' | 'online' | 'frozen:PATH'
+    teacher_arch: str | None = None  # resnet20/32/56 (small inputs), resnet18/34/50; None: by size
+    teacher_lr: float = 0.05
+    consolidate_every: int = 1000    # steps between consolidation points without a new class
+    augment: str = "shift"           # on replay draws: 'shift' | 'shift+flip' | 'none'
+    terms: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-term parameters
+    prequential_window: int = 1000
+    channels_last: bool = True
+    threads: int | None = None       # torch intra-op threads; None keeps torch's choice
+
+    def term_names(self) -> list[str]:
+        if self.method in ("", "finetune"):
+            return []
+        return [t.strip() for t in self.method.split("+")]
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field, before any model is built."""
+        names = self.term_names()
+        for name in names:
+            if name not in TERMS:
+                raise ValueError(f"method: unknown term {name!r}; known terms: "
+                                 f"{', '.join(sorted(TERMS))} (or 'finetune')")
+        if len(set(names)) != len(names):
+            raise ValueError(f"method: term repeated in {self.method!r}")
+        for name in self.terms:
+            if name not in names:
+                raise ValueError(f"terms: parameters given for {name!r}, which is not in "
+                                 f"method {self.method!r}")
+        if self.buffer_size < 0:
+            raise ValueError("buffer_size must be >= 0")
+        if self.lr <= 0 or self.teacher_lr <= 0:
+            raise ValueError("lr and teacher_lr must be > 0")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}")
+        if not (self.teacher in ("none", "online") or self.teacher.startswith("frozen:")):
+            raise ValueError("teacher must be 'none', 'online' or 'frozen:PATH'")
+        if self.teacher_arch is not None and self.teacher_arch not in TEACHERS:
+            raise ValueError(f"teacher_arch must be one of {', '.join(TEACHERS)}")
+        if "kd" in names and self.teacher == "none":
+            raise ValueError("method uses 'kd' but teacher is 'none': set teacher to "
+                             "'online' or 'frozen:PATH'")
+        if self.consolidate_every < 1:
+            raise ValueError("consolidate_every must be >= 1")
+
+
+class OnlineLearner:
+    """Task-free online continual learner. Not thread-safe: one thread owns it."""
+
+    def __init__(self, config: LearnerConfig | None = None, **overrides):
+        config = config or LearnerConfig()
+        if overrides:
+            config = LearnerConfig(**{**asdict(config), **overrides})
+        config.validate()
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.rng = np.random.default_rng(config.seed)
+        self.labels: list[Any] = []
+        self.index: dict[Any, int] = {}
+        self.input_shape: tuple[int, int, int] | None = None
+        self.input_dtype: str | None = None
+        self.student: EdgeNet | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.teacher: EdgeNet | None = None
+        self.teacher_labels: list[Any] | None = None
+        self.teacher_optimizer: torch.optim.Optimizer | None = None
+        self.buffer = ReservoirBuffer(config.buffer_size, self.rng)
+        self.terms: list[Term] = [TERMS[name](self, **config.terms.get(name, {}))
+                                  for name in config.term_names()]
+        self.prequential = PrequentialAccuracy(config.prequential_window)
+        self.steps = 0
+        self.samples_learned = 0
+        self.skipped_steps = 0
+        self.last_loss = float("nan")
+        self._step_seconds = 0.0
+        self._steps_timed = 0
+        if config.teacher.startswith("frozen:"):
+            self._load_frozen_teacher(config.teacher[len("frozen:"):])
+
+    # ----------------------------------------------------------------- public API
+    def learn_many(self, x, y: Sequence) -> dict:
+        """Predict the batch (prequential), then take one learning step on it."""
+        raw = self._check_inputs(x)
+        if len(y) != len(raw):
+            raise ValueError(f"got {len(raw)} inputs but {len(y)} labels")
+        started = time.perf_counter()
+        targets = self._encode_labels(y)
+        xt = self._to_tensor(raw)
+        predicted = self._predict_indices(xt)
+        correct = self.prequential.update(targets, predicted)
+        loss = self._learn_step(raw, xt, targets)
+        self._step_seconds += time.perf_counter() - started
+        self._steps_timed += 1
+        return {"n": len(raw), "correct": correct, "loss": loss}
+
+    def predict_many(self, x) -> list:
+        raw = self._check_inputs(x)
+        if self.student is None or not self.labels:
+            raise RuntimeError("the learner has not learned anything yet")
+        return [self.labels[i] for i in self._predict_indices(self._to_tensor(raw))]
+
+    def learn_one(self, x, y) -> dict:
+        return self.learn_many(np.asarray(x)[None], [y])
+
+    def predict_one(self, x):
+        return self.predict_many(np.asarray(x)[None])[0]
+
+    def stats(self) -> dict:
+        """Plain-Python figures for status displays and benchmarks."""
+        per_class = {self.labels[k]: (c / t if t else 0.0)
+                     for k, (c, t) in sorted(self.prequential.per_class.items())}
+        step_time = self._step_seconds / self._steps_timed if self._steps_timed else 0.0
+        return {
+            "samples_learned": self.samples_learned,
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "classes": list(self.labels),
+            "prequential_acc": self.prequential.overall,
+            "prequential_acc_window": self.prequential.recent_acc,
+            "per_class_acc": per_class,
+            "buffer_fill": len(self.buffer),
+            "buffer_capacity": self.buffer.capacity,
+            "buffer_bytes": self.buffer.nbytes(),
+            "terms_bytes": sum(t.extra_bytes() for t in self.terms),
+            "steps_per_s": 1.0 / step_time if step_time else 0.0,
+            "last_loss": self.last_loss,
+        }
+
+    # ------------------------------------------------------------ input handling
+    def _check_inputs(self, x) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        x = np.asarray(x)
+        if x.ndim != 4:
+            raise ValueError(f"inputs must be (N, C, H, W); got shape {x.shape}")
+        if x.dtype == np.float64:
+            x = x.astype(np.float32)
+        if x.dtype not in (np.uint8, np.float32):
+            raise ValueError(f"inputs must be uint8 or float32 in [0, 1]; got {x.dtype}")
+        if self.input_shape is None:
+            if min(x.shape[1:]) < 1:
+                raise ValueError(f"empty input shape {x.shape[1:]}")
+            self.input_shape = tuple(int(s) for s in x.shape[1:])
+            self.input_dtype = str(x.dtype)
+        elif tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"input shape {tuple(x.shape[1:])} does not match the learner's "
+                             f"{self.input_shape}")
+        elif str(x.dtype) != self.input_dtype:
+            raise ValueError(f"input dtype {x.dtype} does not match the learner's {self.input_dtype}")
+        return x
+
+    def _to_tensor(self, raw: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(raw))
+        t = t.float().div_(255.0) if raw.dtype == np.uint8 else t.float()
+        if self.config.channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    def _encode_labels(self, y: Sequence) -> np.ndarray:
+        """Map labels to head indices, growing the head for labels never seen before."""
+        out = np.empty(len(y), dtype=np.int64)
+        fresh = []
+        for i, label in enumerate(y):
+            if isinstance(label, np.generic):
+                label = label.item()
+            if isinstance(label, bool) or not isinstance(label, (int, str)):
+                raise ValueError(f"label {label!r} is not an int or a str")
+            if label not in self.index:
+                fresh.append(label)
+                self.index[label] = len(self.labels)
+                self.labels.append(label)
+            out[i] = self.index[label]
+        if fresh:
+            self._grow(len(self.labels) - len(fresh), len(self.labels))
+        return out
+
+    # ------------------------------------------------------------------ models
+    def _grow(self, old_n: int, new_n: int) -> None:
+        """A new class is a consolidation point: consolidate, then widen every head."""
+        if self.student is None:
+            c, h, w = self.input_shape
+            self.student = self._prepare(build_student(new_n, c, max(h, w)))
+            self.optimizer = torch.optim.SGD(self.student.parameters(), lr=self.config.lr,
+                                             momentum=self.config.momentum)
+            if self.config.teacher == "online":
+                self.teacher = self._prepare(build_teacher(new_n, c, max(h, w),
+                                                           self.config.teacher_arch))
+                self.teacher_optimizer = torch.optim.SGD(
+                    self.teacher.parameters(), lr=self.config.teacher_lr,
+                    momentum=self.config.momentum)
+            for term in self.terms:
+                term.consolidate()
+            return
+        for term in self.terms:
+            term.consolidate()
+        _grow_head(self.student, self.optimizer, new_n)
+        if self.config.teacher == "online":
+            _grow_head(self.teacher, self.teacher_optimizer, new_n)
+        for term in self.terms:
+            term.on_grow(old_n, new_n)
+
+    def _prepare(self, model: EdgeNet) -> EdgeNet:
+        if self.config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    @torch.inference_mode()
+    def _predict_indices(self, xt: torch.Tensor) -> np.ndarray:
+        self.student.eval()
+        return self.student(xt).argmax(dim=1).numpy()
+
+    # ------------------------------------------------------------------ learning
+    def draw_replay(self, step: Step, name: str, n: int) -> None:
+        """Add an augmented reservoir draw of up to n samples to the step (terms call this)."""
+        if len(self.buffer) == 0 or n <= 0:
+            return
+        idx = self.buffer.sample_indices(n)
+        x, y, logits, width = self.buffer.get(idx)
+        xt = self._augment(self._to_tensor(x))
+        k = int(width.max())
+        step.add(name, xt, torch.from_numpy(y), stored_logits=torch.from_numpy(logits[:, :k]),
+                 stored_width=torch.from_numpy(width))
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.config.augment
+        if mode == "none":
+            return x
+        n, _, h, w = x.shape
+        pad = max(1, min(h, w) // 14)  # 2 px on 28 px digits
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = self.rng.integers(0, 2 * pad + 1, n)
+        dx = self.rng.integers(0, 2 * pad + 1, n)
+        out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+        if mode == "shift+flip":
+            flip = torch.from_numpy(self.rng.random(n) < 0.5)
+            out[flip] = out[flip].flip(-1)
+        if self.config.channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+    def _learn_step(self, raw: np.ndarray, xt: torch.Tensor, targets: np.ndarray) -> float:
+        step = Step(index=self.steps, num_classes=len(self.labels))
+        step.add("stream", xt, torch.from_numpy(targets))
+        for term in self.terms:
+            term.prepare(step, self.rng)
+        step.seal()
+        if self.teacher is not None:
+            step.teacher_logits = self._teacher_logits(step)
+        self.student.train()
+        step.logits = self.student(step.x)
+        loss = F.cross_entropy(step.logits_of("stream"), step.labels_of("stream"))
+        for term in self.terms:
+            extra = term.loss(step)
+            if extra is not None:
+                loss = loss + extra
+        value = float(loss.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        if np.isfinite(value):
+            loss.backward()
+            for term in self.terms:
+                term.after_backward(step)
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1
+        stream_logits = step.logits_of("stream").detach().numpy()
+        self.buffer.add(raw, targets, stream_logits)
+        self.steps += 1
+        self.samples_learned += len(raw)
+        self.last_loss = value
+        if self.steps % self.config.consolidate_every == 0:
+            for term in self.terms:
+                term.consolidate()
+        return value
+
+    def _teacher_logits(self, step: Step) -> torch.Tensor:
+        """Online: the teacher takes its own step on the same batch and replay, and its
+        pre-step logits are the soft targets. Frozen: a no-grad forward, columns mapped to
+        the student's label order (classes the teacher never saw get no target)."""
+        if self.teacher_optimizer is not None:
+            self.teacher.train()
+            logits = self.teacher(step.x)
+            loss = F.cross_entropy(logits, step.y)
+            self.teacher_optimizer.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):
+                loss.backward()
+                self.teacher_optimizer.step()
+            return logits.detach()
+        with torch.inference_mode():
+            self.teacher.eval()
+            logits = self.teacher(step.x)
+        cols = [self.teacher_labels.index(label) if label in self.teacher_labels else -1
+                for label in self.labels]
+        if any(c < 0 for c in cols):
+            raise ValueError("frozen teacher does not know labels "
+                             f"{[l for l, c in zip(self.labels, cols) if c < 0]}")
+        return logits[:, cols].clone()
+
+    # --------------------------------------------------------------- teachers
+    def save_teacher(self, path: str) -> None:
+        """Write the online teacher as a checkpoint that `teacher='frozen:PATH'` loads."""
+        if self.teacher is None:
+            raise RuntimeError("this learner has no teacher to save")
+        torch.save({"kind": "edgecl-teacher", "arch": self.teacher.arch,
+                    "labels": list(self.labels), "input_shape": self.input_shape,
+                    "state_dict": self.teacher.state_dict()}, path)
+
+    def _load_frozen_teacher(self, path: str) -> None:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise ValueError(f"teacher checkpoint {path!r} does not exist") from None
+        if not isinstance(ckpt, dict) or ckpt.get("kind") != "edgecl-teacher":
+            raise ValueError(f"{path!r} is not a teacher checkpoint written by edgecl")
+        c, h, w = ckpt["input_shape"]
+        self.teacher = build_teacher(len(ckpt["labels"]), c, max(h, w), ckpt["arch"])
+        self.teacher.load_state_dict(ckpt["state_dict"])
+        self.teacher = self._prepare(self.teacher).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher_labels = list(ckpt["labels"])
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """The whole learner: models, optimizers, buffer, terms, labels, counters, RNG."""
+        return {
+            "config": asdict(self.config),
+            "labels": list(self.labels),
+            "input_shape": self.input_shape,
+            "input_dtype": self.input_dtype,
+            "student": None if self.student is None else self.student.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "teacher": None if self.teacher is None else self.teacher.state_dict(),
+            "teacher_optimizer": (None if self.teacher_optimizer is None
+                                  else self.teacher_optimizer.state_dict()),
+            "teacher_labels": self.teacher_labels,
+            "buffer": self.buffer.state_dict(),
+            "terms": {t.name: t.state_dict() for t in self.terms},
+            "prequential": self.prequential.state_dict(),
+            "counters": {"steps": self.steps, "samples_learned": self.samples_learned,
+                         "skipped_steps": self.skipped_steps},
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if asdict(self.config) != state["config"]:
+            self.__init__(LearnerConfig(**state["config"]))
+        self.labels = list(state["labels"])
+        self.index = {label: i for i, label in enumerate(self.labels)}
+        self.input_shape = None if state["input_shape"] is None else tuple(state["input_shape"])
+        self.input_dtype = state["input_dtype"]
+        if state["student"] is not None:
+            self.student = None
+            saved_labels = self.labels
+            self._grow(0, len(saved_labels))  # builds fresh models at the saved width
+            self.student.load_state_dict(state["student"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state["teacher"] is not None and self.teacher is not None:
+                self.teacher.load_state_dict(state["teacher"])
+                if self.teacher_optimizer is not None:
+                    self.teacher_optimizer.load_state_dict(state["teacher_optimizer"])
+        self.teacher_labels = state["teacher_labels"]
+        self.buffer.load_state_dict(state["buffer"])
+        for term in self.terms:
+            term.load_state_dict(state["terms"][term.name])
+        self.prequential.load_state_dict(state["prequential"])
+        counters = state["counters"]
+        self.steps = counters["steps"]
+        self.samples_learned = counters["samples_learned"]
+        self.skipped_steps = counters["skipped_steps"]
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+
+
+def _grow_head(model: EdgeNet, optimizer: torch.optim.Optimizer, new_n: int) -> None:
+    """Widen the head and move its optimizer state (momentum) to the new parameters,
+    zero-padded for the new rows, so old classes keep learning exactly as before."""
+    old_params, new_params = model.head.grow(new_n)
+    for old, new in zip(old_params, new_params):
+        for group in optimizer.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p is old:
+                    group["params"][i] = new
+        state = optimizer.state.pop(old, None)
+        if state:
+            moved = {}
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == old.shape:
+                    padded = torch.zeros_like(new)
+                    padded[: old.shape[0]] = value
+                    value = padded
+                moved[key] = value
+            optimizer.state[new] = moved

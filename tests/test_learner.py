@@ -1,0 +1,144 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from edgecl.learn import LearnerConfig, OnlineLearner
+
+SMALL = dict(buffer_size=20, seed=0)
+
+
+def _feed(learner, x, y, batch=10):
+    out = []
+    for i in range(0, len(x), batch):
+        out.append(learner.learn_many(x[i:i + batch], list(y[i:i + batch])))
+    return out
+
+
+def test_learns_and_predicts_real_digits(digits):
+    x, y = digits
+    learner = OnlineLearner(LearnerConfig(method="derpp+ewcpp", **SMALL))
+    _feed(learner, x, y)
+    stats = learner.stats()
+    assert stats["samples_learned"] == len(x)
+    assert sorted(stats["classes"]) == [0, 1, 2, 3]
+    assert stats["buffer_fill"] == 20 and stats["skipped_steps"] == 0
+    assert 0.0 <= stats["prequential_acc"] <= 1.0
+    predictions = learner.predict_many(x[:50])
+    assert set(predictions) <= {0, 1, 2, 3}
+    # it learned something: better than chance on what it has seen
+    assert np.mean(np.array(predictions) == y[:50]) > 0.4
+
+
+def test_string_labels_and_one_at_a_time(digits):
+    x, y = digits
+    names = {0: "zero", 1: "one", 2: "two", 3: "three"}
+    learner = OnlineLearner(LearnerConfig(method="derpp", **SMALL))
+    for xi, yi in zip(x[:30], y[:30]):
+        learner.learn_one(xi, names[int(yi)])
+    assert learner.predict_one(x[0]) in names.values()
+    assert set(learner.labels) == {names[int(v)] for v in y[:30]}
+
+
+def test_prediction_comes_before_learning(digits):
+    x, y = digits
+    learner = OnlineLearner(LearnerConfig(method="finetune", **SMALL))
+    first = learner.learn_many(x[:10], list(y[:10]))
+    stats = learner.stats()
+    assert stats["prequential_acc"] == first["correct"] / 10
+
+
+def test_state_dict_round_trip_gives_same_next_loss(digits):
+    x, y = digits
+    config = LearnerConfig(method="derpp+ewcpp+kd", teacher="online", momentum=0.9,
+                           terms={"ewcpp": {"fisher_every": 2}}, **SMALL)
+    learner = OnlineLearner(config)
+    _feed(learner, x[:100], y[:100])
+    state = copy.deepcopy(learner.state_dict())
+    expected = learner.learn_many(x[100:110], list(y[100:110]))["loss"]
+    restored = OnlineLearner(LearnerConfig(method="finetune"))
+    restored.load_state_dict(state)
+    got = restored.learn_many(x[100:110], list(y[100:110]))["loss"]
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert restored.stats()["samples_learned"] == learner.stats()["samples_learned"]
+
+
+def test_state_dict_survives_torch_save(tmp_path, digits):
+    x, y = digits
+    learner = OnlineLearner(LearnerConfig(method="derpp", **SMALL))
+    _feed(learner, x[:40], y[:40])
+    torch.save(learner.state_dict(), tmp_path / "state.pt")
+    restored = OnlineLearner()
+    restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    np.testing.assert_array_equal(restored.predict_many(x[:20]), learner.predict_many(x[:20]))
+
+
+def test_frozen_teacher_from_a_checkpoint_edgecl_wrote(tmp_path, digits):
+    x, y = digits
+    online = OnlineLearner(LearnerConfig(method="derpp+kd", teacher="online", **SMALL))
+    _feed(online, x, y)
+    path = tmp_path / "teacher.pt"
+    online.save_teacher(str(path))
+    frozen = OnlineLearner(LearnerConfig(method="derpp+kd", teacher=f"frozen:{path}", **SMALL))
+    before = [p.clone() for p in frozen.teacher.parameters()]
+    _feed(frozen, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen.teacher.parameters()))
+    assert frozen.stats()["samples_learned"] == len(x)
+
+
+def test_bad_teacher_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        OnlineLearner(LearnerConfig(method="kd", teacher=f"frozen:{tmp_path}/none.pt"))
+    torch.save({"x": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a teacher checkpoint"):
+        OnlineLearner(LearnerConfig(method="kd", teacher=f"frozen:{tmp_path}/other.pt"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="derpp+nope"), "unknown term 'nope'"),
+    (dict(method="kd"), "teacher is 'none'"),
+    (dict(buffer_size=-1), "buffer_size"),
+    (dict(augment="rotate"), "augment"),
+    (dict(method="derpp", terms={"ewcpp": {}}), "not in method"),
+    (dict(method="derpp", terms={"derpp": {"gamma": 1}}), "unknown parameter"),
+])
+def test_bad_config_names_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OnlineLearner(LearnerConfig(**kwargs))
+
+
+def test_bad_inputs_are_clear_errors(digits):
+    x, y = digits
+    learner = OnlineLearner(LearnerConfig(method="finetune", **SMALL))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        learner.learn_many(x[:2, 0], [0, 1])
+    with pytest.raises(ValueError, match="labels"):
+        learner.learn_many(x[:2], [0])
+    with pytest.raises(ValueError, match="int or a str"):
+        learner.learn_many(x[:2], [0, 1.5])
+    with pytest.raises(ValueError, match="uint8 or float32"):
+        learner.learn_many(x[:2].astype(np.int32), [0, 1])
+    learner.learn_many(x[:2], [0, 1])
+    with pytest.raises(ValueError, match="does not match"):
+        learner.learn_many(np.zeros((2, 1, 14, 14), np.uint8), [0, 1])
+
+
+def test_non_finite_loss_is_skipped_and_counted(digits):
+    x, y = digits
+    learner = OnlineLearner(LearnerConfig(method="finetune", **SMALL))
+    learner.learn_many(x[:10], list(y[:10]))
+    bad = np.full((2, 1, 28, 28), np.nan, np.float32)
+    learner.input_dtype = "float32"  # allow a float batch on this learner for the test
+    learner.learn_many(bad, [0, 1])
+    assert learner.stats()["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in learner.student.parameters())
+
+
+def test_seeded_runs_are_reproducible(digits):
+    x, y = digits
+    a = OnlineLearner(LearnerConfig(method="derpp+ewcpp", **SMALL))
+    b = OnlineLearner(LearnerConfig(method="derpp+ewcpp", **SMALL))
+    la = [r["loss"] for r in _feed(a, x[:60], y[:60])]
+    lb = [r["loss"] for r in _feed(b, x[:60], y[:60])]
+    assert la == lb
