@@ -333,3 +333,8 @@ def iter_batches(x: np.ndarray, labels: Sequence[Any], batch: int):
     """Slices of a data set, for pushing."""
     for start in range(0, len(labels), batch):
         yield x[start:start + batch], labels[start:start + batch]
+
+
+# The device side (pull / watch snapshots) lives with the snapshot code; imported last because
+# it builds on Connection and the errors above.
+from edgecl.export.device import DeviceClient  # noqa: E402,F401

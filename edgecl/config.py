@@ -93,15 +93,45 @@ class InputConfig:
 
 
 @dataclass
+class SnapshotConfig:
+    """ONNX snapshots for devices (edgecl.export.service): triggers, retention, the gate."""
+
+    enabled: bool = True
+    every_samples: int = 1000          # export after this many newly learned samples; 0 = off
+    every_s: float = 0.0               # and/or after this many seconds; 0 = off
+    keep: int = 5                      # versions kept for rollback
+    heldout_every: int = 20            # 1 in N samples per class is held out, never learned
+    heldout_per_class: int = 20        # held-out reservoir size per class
+    chunk_bytes: int = 256 * 1024      # largest snapshot.chunk reply
+    credit: int = 4                    # chunk requests a device may have in flight
+    gate_max_abs_logit: float = 1e-3   # fp32 ONNX vs torch
+    gate_min_int8_agreement: float = 0.98  # int8 vs fp32 top-1, fraction
+    gate_max_accuracy_drop: float = 0.01   # fp32 - int8 held-out accuracy, fraction
+
+    def check(self) -> None:
+        for key in ("every_samples", "every_s"):
+            if getattr(self, key) < 0:
+                raise UserError(f"snapshots.{key}: must be >= 0, got {getattr(self, key)}")
+        for key in ("keep", "chunk_bytes", "credit", "heldout_per_class"):
+            if getattr(self, key) < 1:
+                raise UserError(f"snapshots.{key}: must be at least 1, got {getattr(self, key)}")
+        if self.heldout_every < 2:
+            raise UserError(f"snapshots.heldout_every: must be at least 2, got "
+                            f"{self.heldout_every}")
+
+
+@dataclass
 class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     input: InputConfig = field(default_factory=InputConfig)
+    snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
     # Keyword arguments for edgecl.learn.LearnerConfig; checked in learner_config().
     learner: dict = field(default_factory=dict)
 
     def check(self) -> None:
         self.serve.check()
         self.input.check()
+        self.snapshots.check()
 
     def learner_config(self):
         """Build the LearnerConfig; an unknown or ill-typed key is a UserError naming it."""
@@ -123,7 +153,7 @@ class Config:
         return learner_config
 
 
-SECTIONS = {"serve": ServeConfig, "input": InputConfig}
+SECTIONS = {"serve": ServeConfig, "input": InputConfig, "snapshots": SnapshotConfig}
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:

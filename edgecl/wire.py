@@ -39,10 +39,11 @@ class ErrorCode:
     TOO_LARGE = "too_large"          # more samples or bytes in one push than the daemon allows
     BUSY = "busy"                    # queue full: nothing was accepted, retry after retry_after_ms
     SHUTTING_DOWN = "shutting_down"  # daemon is draining: nothing was accepted, try again later
+    NOT_FOUND = "not_found"          # a snapshot version or file that is not (or no longer) there
     INTERNAL = "internal"            # a fault in edgecl itself; the daemon logged a traceback
 
     ALL = (BAD_REQUEST, BAD_VERSION, UNKNOWN_OP, BAD_SHAPE, BAD_DTYPE, BAD_VALUE, BAD_LABEL,
-           TOO_LARGE, BUSY, SHUTTING_DOWN, INTERNAL)
+           TOO_LARGE, BUSY, SHUTTING_DOWN, NOT_FOUND, INTERNAL)
     RETRYABLE = (BUSY, SHUTTING_DOWN)
 
 

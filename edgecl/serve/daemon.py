@@ -16,7 +16,9 @@ Extension points, for the snapshot and durability work:
   a journal append placed there (before the queue put) makes every ack durable.
 - `add_learner_hook(fn)` runs `fn(learner, samples_learned, final)` in the learner thread after
   each step and once at shutdown: the place to copy weights for export or write a checkpoint.
-- `register_op(name, handler)` adds a request op (snapshot info, chunk fetch) to the socket loop.
+  `add_idle_hook(fn)` runs `fn(learner, samples_learned)` there when a wait for work times out.
+- `register_op(name, handler)` adds a request op (snapshot info, chunk fetch) to the socket loop;
+  with `long_poll=True` the handler may return None to hold the reply (see register_op).
 - `announce(topic, payload)` publishes on the PUB socket from any thread.
 - `update_status(**fields)` adds fields (e.g. snapshot_version) to `status` from any thread.
 A feature module listed in ATTACHMENTS gets `attach(daemon)` called to use these.
@@ -55,7 +57,8 @@ MAX_DRAIN_PER_POLL = 256    # requests handled per wake-up: fewer GIL hand-offs 
 # Features that ride on the daemon (snapshots/export, the journal) attach themselves here: each
 # module named has `attach(daemon)`, called at the end of Daemon.__init__, which registers ops,
 # learner hooks and status fields through the extension points above. One line per feature.
-ATTACHMENTS: list[str] = []
+ATTACHMENTS: list[str] = ["edgecl.export.service"]
+MAX_LONG_POLL_MS = 300_000  # longest a long-poll request is held before it must be answered
 
 OpHandler = Callable[[dict, Any], dict]
 LearnerHook = Callable[[Any, int, bool], None]
@@ -110,9 +113,12 @@ class Daemon:
         self.samples_failed = 0
         self.learner_error: str | None = None
         self._learner_hooks: list[LearnerHook] = []
+        self._idle_hooks: list[Callable[[Any, int], None]] = []
 
         self._extra_status: dict = {}
         self._ops: dict[str, OpHandler] = {"ping": self._op_ping, "status": self._op_status}
+        self._long_poll_ops: set[str] = set()
+        self._parked: list[tuple[float, list, dict, Any]] = []  # held long-poll requests
         self._announcements: deque[tuple[str, dict]] = deque()
         self._stop_requests = 0
         self._ctx: zmq.Context | None = None
@@ -136,17 +142,28 @@ class Daemon:
 
     # ----------------------------------------------------------------- extension points
 
-    def register_op(self, name: str, handler: OpHandler) -> None:
+    def register_op(self, name: str, handler: OpHandler, long_poll: bool = False) -> None:
         """Serve `op=name`. `handler(header, payload_frame_or_None)` runs in the socket loop,
-        must not block or run torch, and returns the ok reply's fields or raises WireError."""
+        must not block or run torch, and returns the ok reply's fields or raises WireError.
+
+        A `long_poll` handler may return None: "nothing to say yet". The request is then held
+        and the handler called again each loop turn (every POLL_MS at most) until it answers
+        or the request's `wait_ms` is over; then it is called with wait_ms=0 and must answer."""
         if name in self._ops or name == "push":
             raise ValueError(f"op {name!r} is already served")
         self._ops[name] = handler
+        if long_poll:
+            self._long_poll_ops.add(name)
 
     def add_learner_hook(self, hook: LearnerHook) -> None:
         """`hook(learner, samples_learned, final)` runs in the learner thread after every learn
         step (final=False) and once after the queue is drained at shutdown (final=True)."""
         self._learner_hooks.append(hook)
+
+    def add_idle_hook(self, hook: Callable[[Any, int], None]) -> None:
+        """`hook(learner, samples_learned)` runs in the learner thread whenever it waited
+        `stats_interval_s` and found nothing to learn (time-based work while the stream is idle)."""
+        self._idle_hooks.append(hook)
 
     def announce(self, topic: str, payload: dict) -> None:
         """Publish `payload` under `topic` on the PUB socket; safe from any thread."""
@@ -307,11 +324,14 @@ class Daemon:
                         except zmq.Again:
                             break
                         self._handle(frames)
+                if self._parked:
+                    self._wake_parked()
                 while self._announcements:
                     topic, payload = self._announcements.popleft()
                     self._pub.send_multipart(
                         [topic.encode(), pack({"v": PROTOCOL_VERSION, "topic": topic, **payload})])
         finally:
+            self._wake_parked(expire_all=True)
             self._close()
         if self.exit_code is None:
             self.exit_code = 0
@@ -348,7 +368,14 @@ class Daemon:
             if op == "push":
                 reply = self._op_push(header, payload)
             elif op in self._ops:
-                reply = ok_reply(header.get("rid"), **self._ops[op](header, payload))
+                fields = self._ops[op](header, payload)
+                if fields is None and op in self._long_poll_ops:
+                    wait_ms = header.get("wait_ms")
+                    wait_ms = wait_ms if type(wait_ms) is int and wait_ms > 0 else 0
+                    deadline = time.monotonic() + min(wait_ms, MAX_LONG_POLL_MS) / 1000
+                    self._parked.append((deadline, envelope, header, payload))
+                    return
+                reply = ok_reply(header.get("rid"), **(fields or {}))
             else:
                 raise WireError(ErrorCode.UNKNOWN_OP,
                                 f"unknown op {op!r}; this daemon serves "
@@ -362,6 +389,29 @@ class Daemon:
             reply = self._error(header, ErrorCode.INTERNAL,
                                 "internal error in the daemon; see its log")
         self._router.send_multipart([*envelope, pack(reply)], copy=False)
+
+    def _wake_parked(self, expire_all: bool = False) -> None:
+        """Ask held long-poll handlers again; a request whose wait is over gets its answer."""
+        now = time.monotonic()
+        parked, self._parked = self._parked, []
+        for deadline, envelope, header, payload in parked:
+            expired = expire_all or now >= deadline
+            try:
+                handler = self._ops[header["op"]]
+                fields = handler({**header, "wait_ms": 0} if expired else header, payload)
+                if fields is None:
+                    self._parked.append((deadline, envelope, header, payload))
+                    continue
+                reply = ok_reply(header.get("rid"), **fields)
+            except WireError as exc:
+                self.refused[exc.code] += 1
+                reply = self._error(header, exc.code, exc.message)
+            except Exception:
+                log.exception("internal error answering a held request")
+                self.refused[ErrorCode.INTERNAL] += 1
+                reply = self._error(header, ErrorCode.INTERNAL,
+                                    "internal error in the daemon; see its log")
+            self._router.send_multipart([*envelope, pack(reply)], copy=False)
 
     @staticmethod
     def _error(header: dict, code: str, message: str, **fields) -> dict:
@@ -499,6 +549,9 @@ class Daemon:
                 break
             if batches:
                 self._learn(batches)
+            else:
+                for hook in self._idle_hooks:
+                    self._run_idle_hook(hook)
             now = time.monotonic()
             if now - last_published >= interval:
                 self._publish_stats()
@@ -539,6 +592,12 @@ class Daemon:
             hook(self.learner, self.samples_learned, final)
         except Exception:
             log.exception("learner hook %r failed", hook)
+
+    def _run_idle_hook(self, hook) -> None:
+        try:
+            hook(self.learner, self.samples_learned)
+        except Exception:
+            log.exception("idle hook %r failed", hook)
 
     def _publish_stats(self) -> None:
         try:

@@ -1,0 +1,283 @@
+"""Snapshots on the daemon: hold out a slice, export on a trigger, publish, serve devices.
+
+Attached by the daemon (`ATTACHMENTS`), it uses only the daemon's extension points:
+
+- The learner is wrapped so each batch first passes the HeldOutSlice: held-out samples are
+  never learned. Both run in the learner thread, the slice's only owner.
+- A learner hook (learner thread) decides when a snapshot is due: every `every_samples`
+  learned samples and/or every `every_s` seconds, or on request; never when nothing was
+  learned since the last one. It copies the weights, labels, replay buffer and held-out slice
+  (learning pauses only for the copy) and hands them to the export thread.
+- The export thread runs export + int8 + parity gate and publishes to the SnapshotStore, then
+  announces the version on the PUB socket (topic `snapshot`). A rejected snapshot is logged
+  and shown in status (`snapshot_last_failure`).
+- Ops, in the socket loop (no torch there, only file reads):
+  `snapshot.info` (newest version and its meta; long-polls with `since` + `wait_ms`),
+  `snapshot.chunk` (a byte range of one file, credit-based), `snapshot.export` (export now),
+  `snapshot.rollback` (republish an older version as the newest).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgecl.export.heldout import HeldOutSlice
+from edgecl.export.onnx import ParityThresholds, copy_model, export_student
+from edgecl.export.snapshots import (META_FILE, MODEL_FILES, SnapshotRejected, SnapshotStore,
+                                     sha256_bytes)
+from edgecl.config import SnapshotConfig
+from edgecl.errors import UserError
+from edgecl.wire import ErrorCode, WireError
+
+log = logging.getLogger("edgecl.snapshots")
+
+TOPIC = "snapshot"
+FILES = (*MODEL_FILES, META_FILE)
+
+
+def thresholds(settings: SnapshotConfig) -> ParityThresholds:
+    return ParityThresholds(settings.gate_max_abs_logit, settings.gate_min_int8_agreement,
+                            settings.gate_max_accuracy_drop)
+
+
+@dataclass
+class _Job:
+    model: object
+    labels: list
+    input_shape: tuple
+    input_dtype: str
+    calibration: np.ndarray
+    heldout_x: np.ndarray | None
+    heldout_y: list
+    samples_learned: int
+    reason: str
+
+
+class HeldOutRouter:
+    """The learner, seen through the held-out slice: `learn_many` learns only the samples the
+    slice does not keep back. Everything else is the wrapped learner's."""
+
+    def __init__(self, learner, heldout: HeldOutSlice):
+        self._learner = learner
+        self.heldout = heldout
+
+    def learn_many(self, x, y):
+        x = np.asarray(x)
+        kept = self.heldout.offer(x, list(y))
+        if kept.all():
+            return {"n": 0, "correct": 0, "loss": float("nan"), "held_out": int(kept.sum())}
+        if not kept.any():
+            return self._learner.learn_many(x, y)
+        out = self._learner.learn_many(x[~kept], [v for v, k in zip(y, kept) if not k])
+        return {**out, "held_out": int(kept.sum())} if isinstance(out, dict) else out
+
+    def __getattr__(self, name):
+        return getattr(self._learner, name)
+
+
+class SnapshotService:
+    """Owns the store, the held-out slice and the export thread of one daemon."""
+
+    def __init__(self, daemon, settings: SnapshotConfig):
+        self.daemon = daemon
+        self.settings = settings
+        self.store = SnapshotStore(daemon.state_dir / "snapshots", keep=settings.keep)
+        self.heldout = HeldOutSlice(settings.heldout_every, settings.heldout_per_class)
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
+        self._requested = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        # What the learner had learned when we started (a restored checkpoint's count, or 0):
+        # "nothing new learned" is judged against this, not against the newest snapshot,
+        # which an earlier run may have made from a learner we no longer have.
+        self._last_samples = int(getattr(daemon.learner, "samples_learned", 0) or 0)
+        self._last_time = time.monotonic()
+        self._lock = threading.Lock()
+        self._last_failure = self.store.last_failure()
+        self._thread = threading.Thread(target=self._export_loop, name="edgecl-export",
+                                        daemon=True)
+        self._thread.start()
+        self._update_status()
+
+    # -- learner thread ---------------------------------------------------------------------
+
+    def on_step(self, learner, samples_learned: int, final: bool) -> None:
+        """Learner hook: copy and queue an export when one is due."""
+        learned = int(getattr(learner, "samples_learned", samples_learned))
+        reason = self._due(learned, final)
+        if reason is None or getattr(learner, "student", None) is None:
+            return
+        if len(learner.buffer) == 0:
+            return
+        if not self._idle.is_set():
+            return  # one export at a time; the next step will try again
+        job = self._copy(learner, learned, reason)
+        self._requested.clear()
+        self._last_samples, self._last_time = learned, time.monotonic()
+        self._idle.clear()
+        self._jobs.put(job)
+
+    def _due(self, learned: int, final: bool) -> str | None:
+        if learned <= self._last_samples:
+            return None  # nothing learned since the last snapshot
+        s = self.settings
+        if final:
+            return None  # shutdown: the checkpoint keeps the weights; do not delay exit
+        if self._requested.is_set():
+            return "requested"
+        if s.every_samples and learned - self._last_samples >= s.every_samples:
+            return f"every {s.every_samples} samples"
+        if s.every_s and time.monotonic() - self._last_time >= s.every_s:
+            return f"every {s.every_s:g} s"
+        return None
+
+    def _copy(self, learner, learned: int, reason: str) -> _Job:
+        n = len(learner.buffer)
+        hx, hy = self.heldout.arrays()
+        return _Job(model=copy_model(learner.student), labels=list(learner.labels),
+                    input_shape=tuple(learner.input_shape),
+                    input_dtype=str(getattr(learner, "input_dtype", None) or
+                                    learner.buffer.x.dtype),
+                    calibration=learner.buffer.x[:n].copy(),
+                    heldout_x=None if hx is None else hx.copy(), heldout_y=list(hy),
+                    samples_learned=learned, reason=reason)
+
+    # -- export thread ----------------------------------------------------------------------
+
+    def _export_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self._run(job)
+            finally:
+                self._idle.set()
+
+    def _run(self, job: _Job) -> None:
+        started = time.perf_counter()
+        try:
+            result = export_student(job.model, job.labels, job.input_shape, job.calibration,
+                                    job.heldout_x, job.heldout_y, input_dtype=job.input_dtype,
+                                    thresholds=thresholds(self.settings))
+            version = self.store.publish_export(result, job.samples_learned,
+                                                extra={"trigger": job.reason})
+        except SnapshotRejected as exc:
+            with self._lock:
+                self._last_failure = self.store.last_failure()
+            self._update_status()
+            log.warning("snapshot at %d samples rejected: %s", job.samples_learned, exc)
+            return
+        except Exception:
+            log.exception("snapshot export failed at %d samples", job.samples_learned)
+            return
+        log.info("snapshot %d published (%s, %d samples, %.1f s)", version, job.reason,
+                 job.samples_learned, time.perf_counter() - started)
+        self.announce(version)
+
+    def announce(self, version: int) -> None:
+        meta = self.store.meta(version)
+        self.daemon.announce(TOPIC, {"version": version,
+                                     "samples_learned": meta.get("samples_learned"),
+                                     "files": {n: f["sha256"] for n, f in meta["files"].items()}})
+        self._update_status()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    # -- socket-loop ops --------------------------------------------------------------------
+
+    def op_info(self, header: dict, payload) -> dict | None:
+        """Newest version and its meta. With `since` and `wait_ms`, returns None (the daemon
+        retries it) while nothing newer than `since` exists and the wait is not over."""
+        since = header.get("since")
+        if since is not None and (type(since) is not int or since < 0):
+            raise WireError(ErrorCode.BAD_REQUEST, "since: expected a version number >= 0")
+        wait_ms = header.get("wait_ms", 0)
+        if type(wait_ms) is not int or wait_ms < 0:
+            raise WireError(ErrorCode.BAD_REQUEST, "wait_ms: expected milliseconds >= 0")
+        latest = self.store.latest()
+        if since is not None and wait_ms > 0 and (latest is None or latest <= since):
+            return None
+        if latest is None:
+            return {"version": None, "meta": None, "chunk_bytes": self.settings.chunk_bytes,
+                    "credit": self.settings.credit}
+        meta_bytes = self.store.read(latest, META_FILE)
+        return {"version": latest, "meta": json.loads(meta_bytes),
+                "meta_sha256": sha256_bytes(meta_bytes), "meta_bytes": len(meta_bytes),
+                "chunk_bytes": self.settings.chunk_bytes, "credit": self.settings.credit}
+
+    def op_chunk(self, header: dict, payload) -> dict:
+        """Bytes [offset, offset + size) of one file of one version, in the reply."""
+        version, name = header.get("version"), header.get("file")
+        offset, size = header.get("offset", 0), header.get("size", self.settings.chunk_bytes)
+        if type(version) is not int:
+            raise WireError(ErrorCode.BAD_REQUEST, "version: expected an integer")
+        if name not in FILES:
+            raise WireError(ErrorCode.BAD_REQUEST, f"file: expected one of {', '.join(FILES)}")
+        if type(offset) is not int or offset < 0 or type(size) is not int or size <= 0:
+            raise WireError(ErrorCode.BAD_REQUEST, "offset and size: expected integers, "
+                                                   "offset >= 0 and size > 0")
+        size = min(size, self.settings.chunk_bytes)
+        try:
+            data = self.store.read(version, name, offset, size)
+            total = self.store.path(version, name).stat().st_size
+        except (UserError, FileNotFoundError):
+            raise WireError(ErrorCode.NOT_FOUND, f"snapshot version {version} is not available (newest: "
+                            f"{self.store.latest()}); ask snapshot.info again") from None
+        return {"version": version, "file": name, "offset": offset, "size": len(data),
+                "total": total, "eof": offset + len(data) >= total, "data": data,
+                "credit": self.settings.credit}
+
+    def op_export(self, header: dict, payload) -> dict:
+        """Ask for a snapshot at the next learner step (if anything new was learned)."""
+        self._requested.set()
+        return {"requested": True, "latest": self.store.latest(),
+                "samples_at_latest": self._last_samples}
+
+    def op_rollback(self, header: dict, payload) -> dict:
+        to = header.get("to")
+        if to is not None and type(to) is not int:
+            raise WireError(ErrorCode.BAD_REQUEST, "to: expected a version number")
+        try:
+            version = self.store.rollback(to)
+        except UserError as exc:
+            raise WireError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        self.announce(version)
+        return {"version": version, "source_version": self.store.meta(version)["source_version"]}
+
+    # -- status -----------------------------------------------------------------------------
+
+    def _update_status(self) -> None:
+        latest = self.store.latest()
+        with self._lock:
+            failure = self._last_failure
+        self.daemon.update_status(
+            snapshot_version=latest, snapshot_versions=self.store.versions(),
+            snapshot_last_failure=None if failure is None else
+            {"time": failure.get("time"), "samples_learned": failure.get("samples_learned"),
+             "failures": failure.get("failures")},
+            heldout_samples=len(self.heldout))
+
+
+def attach(daemon) -> SnapshotService | None:
+    """The daemon's hook: wire snapshots in, per `[snapshots]` in the config."""
+    settings = daemon.config.snapshots
+    if not settings.enabled:
+        return None
+    service = SnapshotService(daemon, settings)
+    daemon.learner = HeldOutRouter(daemon.learner, service.heldout)
+    daemon.add_learner_hook(service.on_step)
+    daemon.add_idle_hook(lambda learner, samples: service.on_step(learner, samples, False))
+    daemon.register_op("snapshot.info", service.op_info, long_poll=True)
+    daemon.register_op("snapshot.chunk", service.op_chunk)
+    daemon.register_op("snapshot.export", service.op_export)
+    daemon.register_op("snapshot.rollback", service.op_rollback)
+    daemon.snapshots = service
+    return service
