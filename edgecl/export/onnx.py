@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import tempfile
 import time
 import warnings
@@ -282,6 +283,8 @@ def quantize_int8(fp32: bytes, calibration: np.ndarray) -> bytes:
         raise UserError("int8 export needs calibration samples: the replay buffer is empty")
     proto = onnx.load_from_string(fp32)
     meta = read_metadata(proto)
+    # onnxruntime's quantizer logs each phase at INFO; a snapshot every N samples is not news.
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="edgecl-quant-") as tmp:
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(proto, str(pre))
