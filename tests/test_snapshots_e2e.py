@@ -211,3 +211,18 @@ def test_chunk_op_rejects_bad_requests(start_daemon):
                                 ({"version": 9, "file": INT8_FILE}, "not available")):
             with pytest.raises(RequestRefused, match=message):
                 conn.request("snapshot.chunk", **fields)
+
+
+def test_pull_starts_over_when_its_version_is_pruned_midway(start_daemon, tmp_path):
+    daemon = start_daemon(keep=1)
+    push_all(daemon)
+    wait_version(daemon, since=0)
+    device = DeviceClient(daemon.address, tmp_path / "device", int8_only=True)
+    stale = device.info()  # names version 1 ...
+    with Connection(daemon.address) as conn:
+        assert conn.request("snapshot.rollback", to=1)["version"] == 2  # ... now pruned
+    answers = iter([stale])
+    real_info = device.info
+    device.info = lambda *a, **k: next(answers, None) or real_info(*a, **k)
+    assert device.pull() == 2
+    assert verify_installed(tmp_path / "device")["version"] == 2

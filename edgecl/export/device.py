@@ -32,7 +32,7 @@ from edgecl.client import (DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Connection, Daemo
 from edgecl.errors import UserError
 from edgecl.export.snapshots import (FP32_FILE, INT8_FILE, META_FILE, SnapshotCorrupt,
                                      fsync_dir, sha256_bytes, sha256_file)
-from edgecl.wire import PROTOCOL_VERSION, pack, unpack_reply
+from edgecl.wire import PROTOCOL_VERSION, ErrorCode, pack, unpack_reply
 
 log = logging.getLogger("edgecl.pull")
 
@@ -87,7 +87,15 @@ class DeviceClient:
         version = info.get("version")
         if version is None or (local is not None and version <= local):
             return None
-        self._install(info)
+        try:
+            self._install(info)
+        except RequestRefused as exc:
+            if exc.code != ErrorCode.NOT_FOUND:
+                raise
+            # Pruned while we downloaded (publishing outpaced us): start over with the newest.
+            info = self.info()
+            version = info["version"]
+            self._install(info)
         return version
 
     def watch(self, on_update: Callable[[int], None] | None = None,
