@@ -37,9 +37,13 @@ class LearnerConfig:
     teacher_arch: str | None = None  # resnet20/32/56 (small inputs), resnet18/34/50; None: by size
     teacher_lr: float = 0.05
     consolidate_every: int = 1000    # steps between consolidation points without a new class
+    consolidate_min_gap: int = 25    # new classes within this many steps of the last point
+                                     # join it (classes of one task arrive together)
     augment: str = "shift"           # on replay draws: 'shift' | 'shift+flip' | 'none'
     terms: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-term parameters
     prequential_window: int = 1000
+    min_final_map: int = 4           # student stride rule: last feature map side, pixels
+    stride_relax: str = "early"      # which stride-2 layers the rule relaxes: 'early' | 'late'
     channels_last: bool = True
     threads: int | None = None       # torch intra-op threads; None keeps torch's choice
 
@@ -74,6 +78,10 @@ class LearnerConfig:
         if "kd" in names and self.teacher == "none":
             raise ValueError("method uses 'kd' but teacher is 'none': set teacher to "
                              "'online' or 'frozen:PATH'")
+        if self.stride_relax not in ("late", "early"):
+            raise ValueError("stride_relax must be 'late' or 'early'")
+        if self.consolidate_min_gap < 0:
+            raise ValueError("consolidate_min_gap must be >= 0")
         if self.consolidate_every < 1:
             raise ValueError("consolidate_every must be >= 1")
 
@@ -110,6 +118,7 @@ class OnlineLearner:
         self.last_loss = float("nan")
         self._step_seconds = 0.0
         self._steps_timed = 0
+        self.last_consolidation = 0  # step of the last consolidation point
         if config.teacher.startswith("frozen:"):
             self._load_frozen_teacher(config.teacher[len("frozen:"):])
 
@@ -211,11 +220,21 @@ class OnlineLearner:
         return out
 
     # ------------------------------------------------------------------ models
+    def _consolidate(self) -> None:
+        for term in self.terms:
+            term.consolidate()
+        self.last_consolidation = self.steps
+
     def _grow(self, old_n: int, new_n: int) -> None:
-        """A new class is a consolidation point: consolidate, then widen every head."""
+        """A new class is a consolidation point (unless one was just taken: the first
+        classes of a stream, or of a task, arrive within a few steps of each other and
+        anchoring at a barely-trained model would pull learning back toward init);
+        consolidate, then widen every head."""
         if self.student is None:
             c, h, w = self.input_shape
-            self.student = self._prepare(build_student(new_n, c, max(h, w)))
+            self.student = self._prepare(build_student(
+                new_n, c, max(h, w), min_final_map=self.config.min_final_map,
+                relax=self.config.stride_relax))
             self.optimizer = torch.optim.SGD(self.student.parameters(), lr=self.config.lr,
                                              momentum=self.config.momentum)
             if self.config.teacher == "online":
@@ -224,11 +243,9 @@ class OnlineLearner:
                 self.teacher_optimizer = torch.optim.SGD(
                     self.teacher.parameters(), lr=self.config.teacher_lr,
                     momentum=self.config.momentum)
-            for term in self.terms:
-                term.consolidate()
             return
-        for term in self.terms:
-            term.consolidate()
+        if self.steps - self.last_consolidation >= self.config.consolidate_min_gap:
+            self._consolidate()
         _grow_head(self.student, self.optimizer, new_n)
         if self.config.teacher == "online":
             _grow_head(self.teacher, self.teacher_optimizer, new_n)
@@ -303,9 +320,8 @@ class OnlineLearner:
         self.steps += 1
         self.samples_learned += len(raw)
         self.last_loss = value
-        if self.steps % self.config.consolidate_every == 0:
-            for term in self.terms:
-                term.consolidate()
+        if self.steps - self.last_consolidation >= self.config.consolidate_every:
+            self._consolidate()
         return value
 
     def _teacher_logits(self, step: Step) -> torch.Tensor:
@@ -373,7 +389,8 @@ class OnlineLearner:
             "terms": {t.name: t.state_dict() for t in self.terms},
             "prequential": self.prequential.state_dict(),
             "counters": {"steps": self.steps, "samples_learned": self.samples_learned,
-                         "skipped_steps": self.skipped_steps},
+                         "skipped_steps": self.skipped_steps,
+                         "last_consolidation": self.last_consolidation},
             "numpy_rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
         }
@@ -404,6 +421,7 @@ class OnlineLearner:
         self.steps = counters["steps"]
         self.samples_learned = counters["samples_learned"]
         self.skipped_steps = counters["skipped_steps"]
+        self.last_consolidation = counters["last_consolidation"]
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
 

@@ -45,7 +45,7 @@ class EWCPP(Term):
 
     name = "ewcpp"
     describe = "EWC++: running per-sample Fisher, quadratic pull toward the last anchor"
-    defaults = {"lam": 50.0, "alpha": 0.9, "fisher_every": 10}
+    defaults = {"lam": 1.0, "alpha": 0.9, "fisher_every": 10}
 
     def __init__(self, learner, **params):
         super().__init__(learner, **params)
