@@ -47,8 +47,9 @@ def test_qdq_is_read_as_an_int8_runtime_runs_it():
               inits=[w, scale, zp])
     r = memory_report(m)
     assert r.weight_bytes == 256 + 4 + 1
-    # x (64 B float) is quantized in place to xq (16 B); MatMul reads xq, writes hq directly.
+    # Quantize(x): x (64 B float) and xq (16 B) live; then MatMul reads xq, writes hq (16 B).
     assert r.peak_activation_bytes == 64 + 16
+    assert r.largest_tensor_bytes == 64
     assert r.num_nodes == 2  # Quantize(x) and MatMul; DequantizeLinear nodes are free
 
 

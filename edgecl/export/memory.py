@@ -4,9 +4,10 @@ Peak activation memory comes from a liveness plan: walk the nodes in graph order
 allocated when its producer runs and freed after its last consumer, and the peak is the largest
 sum of live bytes while a node runs (its inputs and outputs both live). Two plans are reported:
 
-- `peak_activation_bytes`: elementwise ops (Relu, Clip, Add, Sub, Div, Quantize, ...) may write
-  into an input that dies at that node when it is at least as large, as TFLite's and TinyEngine's
-  arena planners do; reshapes alias their input.
+- `peak_activation_bytes`: elementwise ops (Relu, Clip, Add, Sub, Div, ...) may write into an
+  input of the same size that dies at that node, as arena planners (TFLite, TinyEngine) do;
+  reshapes alias their input. A shrinking op (float -> int8 Quantize) gets a fresh buffer, so
+  the large one is freed right after it rather than held.
 - `peak_activation_bytes_no_inplace`: every node output gets fresh memory.
 
 An int8 QDQ graph is read the way an int8 runtime executes it: DequantizeLinear nodes are free
@@ -155,7 +156,7 @@ def _plan(nodes, graph, outputs, sizes, inits, inplace: bool):
                 target = buffer_of[acts_in[0]]
             elif inplace and op in ELEMENTWISE:
                 target = next((buffer_of[n] for n in acts_in
-                               if free_after[buffer_of[n]] == i and live[buffer_of[n]] >= size),
+                               if free_after[buffer_of[n]] == i and live[buffer_of[n]] == size),
                               None)
             if target is None:
                 target = out
