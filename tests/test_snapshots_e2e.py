@@ -226,3 +226,29 @@ def test_pull_starts_over_when_its_version_is_pruned_midway(start_daemon, tmp_pa
     device.info = lambda *a, **k: next(answers, None) or real_info(*a, **k)
     assert device.pull() == 2
     assert verify_installed(tmp_path / "device")["version"] == 2
+
+
+def test_cli_export_pull_rollback(start_daemon, tmp_path, capsys):
+    from edgecl.cli import main
+
+    daemon = start_daemon(every_samples=10_000)  # only on demand
+    push_all(daemon)
+    deadline = time.monotonic() + 60
+    while get_status(daemon.address)["samples_learned"] < len(Y) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert main(["export", "--from", daemon.address, "--wait-ms", "60000"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["version"] == 1 and exported["bytes"][INT8_FILE] > 0
+    # nothing learned since: a second request publishes nothing
+    assert main(["export", "--from", daemon.address, "--wait-ms", "500"]) == 1
+    capsys.readouterr()
+
+    out = tmp_path / "device"
+    assert main(["pull", "--from", daemon.address, "--out", str(out), "--int8-only"]) == 0
+    assert "installed snapshot 1" in capsys.readouterr().out
+    assert main(["pull", "--from", daemon.address, "--out", str(out)]) == 0
+    assert "up to date at version 1" in capsys.readouterr().out
+    assert main(["rollback", "--from", daemon.address]) == 2  # nothing older: a user error
+    assert "older version" in capsys.readouterr().err
+    assert main(["rollback", "--from", daemon.address, "--to", "1"]) == 0
+    assert "published version 2" in capsys.readouterr().out
