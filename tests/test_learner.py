@@ -30,8 +30,8 @@ def test_learns_and_predicts_real_digits(digits):
 
 def test_it_learns_a_pair_of_real_digits():
     from edgecl.data import split_mnist
-    s = split_mnist(seed=0, tasks=[(0, 1)], train_per_class=150)
-    learner = OnlineLearner(LearnerConfig(method="derpp", buffer_size=50, seed=0))
+    s = split_mnist(seed=0, tasks=[(0, 1)], train_per_class=400)
+    learner = OnlineLearner(LearnerConfig(method="finetune", seed=0))
     _feed(learner, s.train_x, s.train_y)
     accuracy = np.mean(np.array(learner.predict_many(s.test_x)) == s.test_y)
     assert accuracy > 0.9

@@ -231,6 +231,7 @@ class OnlineLearner:
         anchoring at a barely-trained model would pull learning back toward init);
         consolidate, then widen every head."""
         if self.student is None:
+            torch.manual_seed(self.config.seed)  # models are built lazily: seed them here
             c, h, w = self.input_shape
             self.student = self._prepare(build_student(
                 new_n, c, max(h, w), min_final_map=self.config.min_final_map,
@@ -313,10 +314,9 @@ class OnlineLearner:
             for term in self.terms:
                 term.after_backward(step)
             self.optimizer.step()
-        else:
+            self.buffer.add(raw, targets, step.logits_of("stream").detach().numpy())
+        else:  # neither learned nor kept for replay: one bad batch must not poison the buffer
             self.skipped_steps += 1
-        stream_logits = step.logits_of("stream").detach().numpy()
-        self.buffer.add(raw, targets, stream_logits)
         self.steps += 1
         self.samples_learned += len(raw)
         self.last_loss = value
