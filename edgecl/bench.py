@@ -153,12 +153,38 @@ def _parse_seeds(text: str) -> list[int]:
         raise UserError(f"--seeds must be comma-separated integers, got {text!r}") from None
 
 
+def _parse_overrides(text: str) -> dict:
+    """--set: a JSON object of LearnerConfig fields; unknown fields are named."""
+    from dataclasses import fields
+
+    from edgecl.learn import LearnerConfig
+
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--set must be a JSON object, e.g. '{{\"lr\": 0.05}}' ({exc})") from None
+    if not isinstance(overrides, dict):
+        raise UserError("--set must be a JSON object")
+    known = {f.name for f in fields(LearnerConfig)}
+    reserved = {"method", "buffer_size", "seed", "teacher"}
+    for key in overrides:
+        if key not in known or key in reserved:
+            raise UserError(f"--set: {key!r} is not a learner setting --set can change "
+                            f"(method, buffer, seeds and teacher have their own flags)")
+    return overrides
+
+
 def cmd_split_mnist(args) -> int:
     seeds = _parse_seeds(args.seeds)
     methods = [m.strip() for m in args.method.split(",")]
-    buffers = [int(b) for b in str(args.buffer).split(",")]
+    try:
+        buffers = [int(b) for b in str(args.buffer).split(",")]
+    except ValueError:
+        raise UserError(f"--buffer must be comma-separated integers, got {args.buffer!r}") from None
     teacher = None if args.teacher == "auto" else args.teacher
-    overrides = json.loads(args.set) if args.set else {}
+    overrides = _parse_overrides(args.set)
     baseline = baseline_rss_mb()
     results = []
     for method in methods:
