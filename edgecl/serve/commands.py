@@ -217,6 +217,10 @@ def format_status(status: dict, address: str = "") -> str:
     ]
     if status.get("learner_error"):
         rows.append(("last error", status["learner_error"]))
+    refused_snapshot = status.get("snapshot_last_failure")
+    if refused_snapshot:
+        rows.append(("last refused", f"snapshot at {refused_snapshot.get('samples_learned')} "
+                                     f"samples: {'; '.join(refused_snapshot.get('failures') or [])}"))
     per_class = status.get("per_class_acc") or []
     if per_class:
         rows.append(("per class", "  ".join(f"{e['label']!r}: {_pct(e['acc'])}"
