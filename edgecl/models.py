@@ -128,9 +128,9 @@ def stride_schedule(image_size: int, min_final_map: int = MIN_FINAL_MAP,
 
 def build_student(num_classes: int, in_channels: int = 3, image_size: int = 144,
                   dropout: float = 0.2, min_final_map: int = MIN_FINAL_MAP,
-                  relax: str = "early") -> EdgeNet:
+                  relax: str = "early", bn_momentum: float = 0.1) -> EdgeNet:
     """MobileNetV2-Tiny (MCUNet mbv2-w0.35), from torchvision's MobileNetV2 blocks."""
-    norm = partial(nn.BatchNorm2d, eps=1e-3)
+    norm = partial(nn.BatchNorm2d, eps=1e-3, momentum=bn_momentum)
     stem_stride, stage_strides = stride_schedule(image_size, min_final_map, relax)
     layers: list[nn.Module] = [Conv2dNormActivation(
         in_channels, MBV2_TINY_STEM, kernel_size=3, stride=stem_stride, norm_layer=norm,

@@ -44,6 +44,7 @@ class LearnerConfig:
     prequential_window: int = 1000
     min_final_map: int = 4           # student stride rule: last feature map side, pixels
     stride_relax: str = "early"      # which stride-2 layers the rule relaxes: 'early' | 'late'
+    bn_momentum: float = 0.1         # student BatchNorm running-statistics momentum
     channels_last: bool = True
     threads: int | None = None       # torch intra-op threads; None keeps torch's choice
 
@@ -80,6 +81,8 @@ class LearnerConfig:
                              "'online' or 'frozen:PATH'")
         if self.stride_relax not in ("late", "early"):
             raise ValueError("stride_relax must be 'late' or 'early'")
+        if not 0.0 < self.bn_momentum <= 1.0:
+            raise ValueError("bn_momentum must be in (0, 1]")
         if self.consolidate_min_gap < 0:
             raise ValueError("consolidate_min_gap must be >= 0")
         if self.consolidate_every < 1:
@@ -235,7 +238,7 @@ class OnlineLearner:
             c, h, w = self.input_shape
             self.student = self._prepare(build_student(
                 new_n, c, max(h, w), min_final_map=self.config.min_final_map,
-                relax=self.config.stride_relax))
+                relax=self.config.stride_relax, bn_momentum=self.config.bn_momentum))
             self.optimizer = torch.optim.SGD(self.student.parameters(), lr=self.config.lr,
                                              momentum=self.config.momentum)
             if self.config.teacher == "online":

@@ -38,8 +38,8 @@ class EWCPP(Term):
     weight of the new estimate, RWalk's convention). The anchor theta* is refreshed at each
     consolidation point: when a label never seen before arrives (before it is learned), and
     at the latest every `consolidate_every` learner steps. Task-free: no task boundary needed.
-    The cap 1/lr on the stiffness keeps SGD stable where the Fisher is large (stem layers
-    reach F ~ 10 on MNIST, so lambda = 50 at lr 0.05 would diverge without it).
+    The cap 1/lr on the stiffness keeps SGD stable where the Fisher is large (the stem
+    layers on MNIST): without it a large lambda diverged to NaN.
     Memory: two float32 vectors (Fisher, anchor) of the student's size.
     """
 
