@@ -31,7 +31,9 @@ def test_learns_and_predicts_real_digits(digits):
 def test_it_learns_a_pair_of_real_digits():
     from edgecl.data import split_mnist
     s = split_mnist(seed=0, tasks=[(0, 1)], train_per_class=400)
-    learner = OnlineLearner(LearnerConfig(method="finetune", seed=0))
+    # BatchNorm momentum 0.6: with 0.1 the eval-mode statistics lag early in a stream and the
+    # accuracy after 80 steps was 74.5 % in one run and above 90 % in another (docs/learning.md)
+    learner = OnlineLearner(LearnerConfig(method="finetune", seed=0, bn_momentum=0.6))
     _feed(learner, s.train_x, s.train_y)
     accuracy = np.mean(np.array(learner.predict_many(s.test_x)) == s.test_y)
     assert accuracy > 0.9
