@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgecl.bench import format_table
+
 METHODS = "finetune,er,der,derpp,derpp+ewcpp,derpp+ewcpp+kd"
 BUFFERS = (200, 500)
 OUT = Path("bench-results")
@@ -40,18 +42,7 @@ def render() -> str:
         baseline = data["baseline_rss_mb"]
         rows.extend(data["results"])
     rows.sort(key=lambda r: (METHODS.split(",").index(r["method"]), r["buffer"]))
-    lines = ["| method | buffer | teacher | final avg acc % | forgetting (points) | "
-             "prequential acc % | samples/s (1 thread) | buffer bytes | extra term bytes | "
-             "edgecl peak RSS MB |", "|" + "---|" * 10]
-    for r in rows:
-        first = r["runs"][0]
-        lines.append(
-            f"| {r['method']} | {r['buffer']} | {r['teacher']} | "
-            f"{r['final_acc_mean']:.1f} ± {r['final_acc_sd']:.1f} | "
-            f"{r['forgetting_mean']:.1f} ± {r['forgetting_sd']:.1f} | "
-            f"{r['prequential_acc_mean']:.1f} ± {r['prequential_acc_sd']:.1f} | "
-            f"{r['samples_per_s_mean']:.0f} | {first['buffer_bytes']:,} | "
-            f"{first['terms_bytes']:,} | {r['peak_rss_mb_mean'] - baseline:.0f} |")
+    lines = [format_table(rows, baseline).replace("samples/s", "samples/s (1 thread)", 1)]
     lines.append(f"\nPeak RSS is each seed's own process minus a bare `import torch, torchvision, "
                  f"onnxruntime` process ({baseline:.0f} MB).")
     return "\n".join(lines)

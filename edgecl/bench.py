@@ -132,17 +132,19 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def format_table(results: list[dict], baseline_mb: float | None) -> str:
-    head = ("| method | buffer | teacher | final acc % | forgetting | samples/s | "
-            "buffer bytes | edgecl peak RSS MB |")
-    lines = [head, "|" + "---|" * 8]
+    """Markdown table of `run_many` summaries; peak RSS net of the bare-import baseline."""
+    lines = ["| method | buffer | teacher | final avg acc % | forgetting (points) | "
+             "prequential acc % | samples/s | buffer bytes | extra term bytes | "
+             "edgecl peak RSS MB |", "|" + "---|" * 10]
     for r in results:
-        rss = r["peak_rss_mb_mean"] - (baseline_mb or 0.0)
+        first = r["runs"][0]
         lines.append(
             f"| {r['method']} | {r['buffer']} | {r['teacher']} | "
             f"{r['final_acc_mean']:.1f} ± {r['final_acc_sd']:.1f} | "
             f"{r['forgetting_mean']:.1f} ± {r['forgetting_sd']:.1f} | "
-            f"{r['samples_per_s_mean']:.0f} ± {r['samples_per_s_sd']:.0f} | "
-            f"{r['runs'][0]['buffer_bytes']:,} | {rss:.0f} |")
+            f"{r['prequential_acc_mean']:.1f} ± {r['prequential_acc_sd']:.1f} | "
+            f"{r['samples_per_s_mean']:.0f} | {first['buffer_bytes']:,} | "
+            f"{first['terms_bytes']:,} | {r['peak_rss_mb_mean'] - (baseline_mb or 0.0):.0f} |")
     return "\n".join(lines)
 
 

