@@ -32,8 +32,12 @@ class Step:
     x: torch.Tensor | None = None
     y: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    features: torch.Tensor | None = None
+    # named taps (edgecl.models.EdgeNet), filled only with the names some term declared
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # student, with grad
     teacher_logits: torch.Tensor | None = None
+    teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)  # detached
+    anchor_logits: torch.Tensor | None = None  # (n, K_anchor): K_anchor <= num_classes
+    anchor_features: dict[str, torch.Tensor] = field(default_factory=dict)  # no grad
     num_classes: int = 0
     index: int = 0  # global step counter
 
@@ -56,6 +60,10 @@ class Step:
     def labels_of(self, name: str) -> torch.Tensor:
         return self.y[self.parts[name].rows]
 
+    def rows_of(self, name: str, batch: torch.Tensor) -> torch.Tensor:
+        """The rows of part `name` in any step-batch tensor (features, anchor outputs)."""
+        return batch[self.parts[name].rows]
+
 
 class Term:
     """Base class: a weighted loss term. Subclasses set `name` and `describe`."""
@@ -63,15 +71,57 @@ class Term:
     name = "term"
     describe = ""
     defaults: dict = {}
+    # What the learner must compute for this term; it takes the union over terms once per
+    # step, and nothing at all when no term asks (instances may set these in __init__).
+    taps: tuple[str, ...] = ()          # student taps -> step.features (and anchor's, below)
+    needs_anchor: bool = False          # step.anchor_logits, step.anchor_features[taps]
+    teacher_taps: tuple[str, ...] = ()  # teacher taps -> step.teacher_features
+    memory_note = "nothing beyond the model and buffer"  # what memory_bytes counts, in words
 
     def __init__(self, learner, **params):
         self.learner = learner
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(sorted(self.defaults)) or 'none'}")
-        for key, value in {**self.defaults, **params}.items():
+        for key, value in {**self.defaults, **self.check_params(params)}.items():
             setattr(self, key, value)
+
+    @classmethod
+    def check_params(cls, params: dict) -> dict:
+        """Raise ValueError naming an unknown parameter, or one whose type does not match its
+        default (an int is accepted for a float; a None default accepts anything), so a
+        config typo fails before learning."""
+        unknown = set(params) - set(cls.defaults)
+        if unknown:
+            raise ValueError(f"{cls.name}: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(sorted(cls.defaults)) or 'none'}")
+        for key, value in params.items():
+            default = cls.defaults[key]
+            if default is None:
+                continue
+            kind = float if isinstance(default, float) else type(default)
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  if kind is float else type(value) is kind)
+            if not ok:
+                raise ValueError(f"{cls.name}.{key}: expected {kind.__name__} like the default "
+                                 f"{default!r}, got {value!r}")
+        return params
+
+    @classmethod
+    def memory_bytes(cls, student: torch.nn.Module, input_shape: tuple[int, int, int],
+                     params: dict) -> int:
+        """Bytes this term adds to a learner training `student` on inputs of `input_shape`
+        (C, H, W), with `params` its parameters (defaults merged with the user's). A static
+        figure for `edgecl methods`, before any data is seen; `extra_bytes()` is the live one.
+
+        Count what choosing this term makes the learner hold beyond the student, its optimizer
+        and the replay buffer: float32 vectors of the student's size (importance, anchor θ*:
+        `4 * n_params` bytes each, n_params = sum(p.numel() for p in student.parameters())),
+        a frozen anchor copy of the student (its parameters and buffers), regressors or
+        projections the term trains, sample windows it keeps (`n * 4 * C*H*W` as float32).
+        Count structures shared with other terms (one anchor model for LwF and PODNet) in
+        full for each term: it is what the term costs when chosen on its own. Leave out
+        transient memory of one step (activations, per-sample gradients). Say in
+        `memory_note` what the figure is made of.
+        """
+        return 0
 
     def prepare(self, step: Step, rng: np.random.Generator) -> None:
         """Add replay draws to the step before the forward pass."""
