@@ -67,6 +67,7 @@ class LearnerConfig:
             if name not in names:
                 raise ValueError(f"terms: parameters given for {name!r}, which is not in "
                                  f"method {self.method!r}")
+            TERMS[name].check_params(self.terms[name])
         if self.buffer_size < 0:
             raise ValueError("buffer_size must be >= 0")
         if self.lr <= 0 or self.teacher_lr <= 0:

@@ -88,6 +88,9 @@ class Term:
         """Raise ValueError naming an unknown parameter, or one whose type does not match its
         default (an int is accepted for a float; a None default accepts anything), so a
         config typo fails before learning."""
+        if not isinstance(params, dict):
+            raise ValueError(f"{cls.name}: parameters must be a table of name = value, "
+                             f"got {params!r}")
         unknown = set(params) - set(cls.defaults)
         if unknown:
             raise ValueError(f"{cls.name}: unknown parameter(s) {', '.join(sorted(unknown))}; "
