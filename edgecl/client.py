@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import zmq
 
+from edgecl.security import ClientCurve
 from edgecl.wire import (PROTOCOL_VERSION, ErrorCode, pack, plain_label, push_header,
                          unpack_reply)
 
@@ -50,9 +51,14 @@ class RequestRefused(DaemonError):
 PushRefused = RequestRefused
 
 
-def _new_dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
-    sock = ctx.socket(zmq.DEALER)
+def new_socket(ctx: zmq.Context, address: str, curve: ClientCurve | None = None,
+               kind: int = zmq.DEALER) -> zmq.Socket:
+    """A connected client socket; with `curve`, CURVE-encrypted and authenticated by key (a
+    daemon that does not admit the key never answers: the caller's timeout decides)."""
+    sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.apply(sock)
     sock.connect(address)
     return sock
 
@@ -62,12 +68,14 @@ class Connection:
     socket, open a fresh one and resend, up to `retries` times."""
 
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S,
-                 retries: int = DEFAULT_RETRIES, context: zmq.Context | None = None):
+                 retries: int = DEFAULT_RETRIES, context: zmq.Context | None = None,
+                 curve: ClientCurve | None = None):
         self.address = address
         self.timeout = timeout
         self.retries = retries
+        self.curve = curve
         self._ctx = context or zmq.Context.instance()
-        self._sock = _new_dealer(self._ctx, address)
+        self._sock = new_socket(self._ctx, address, curve)
         self._rids = itertools.count(1)
 
     def request(self, op: str, payload: bytes | None = None, **fields) -> dict:
@@ -79,7 +87,7 @@ class Connection:
         for attempt in range(self.retries + 1):
             if attempt:
                 self._sock.close(linger=0)
-                self._sock = _new_dealer(self._ctx, self.address)
+                self._sock = new_socket(self._ctx, self.address, self.curve)
             self._sock.send_multipart(frames)
             deadline = time.monotonic() + self.timeout
             while (left := deadline - time.monotonic()) > 0:
@@ -106,14 +114,15 @@ class Connection:
 
 
 def get_status(address: str, timeout: float = DEFAULT_TIMEOUT_S,
-               retries: int = DEFAULT_RETRIES) -> dict:
+               retries: int = DEFAULT_RETRIES, curve: ClientCurve | None = None) -> dict:
     """The daemon's status dict (schema in docs/protocol.md)."""
-    with Connection(address, timeout, retries) as conn:
+    with Connection(address, timeout, retries, curve=curve) as conn:
         return conn.request("status")["status"]
 
 
-def ping(address: str, timeout: float = DEFAULT_TIMEOUT_S, retries: int = 0) -> dict:
-    with Connection(address, timeout, retries) as conn:
+def ping(address: str, timeout: float = DEFAULT_TIMEOUT_S, retries: int = 0,
+         curve: ClientCurve | None = None) -> dict:
+    with Connection(address, timeout, retries, curve=curve) as conn:
         return conn.request("ping")
 
 
@@ -163,8 +172,9 @@ class SensorClient:
     def __init__(self, address: str, sensor: str | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES,
                  max_in_flight: int = 64, first_seq: int | None = None,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve: ClientCurve | None = None):
         self.address = address
+        self.curve = curve
         self.sensor = sensor or _default_sensor()
         self.timeout = timeout
         self.retries = retries
@@ -173,7 +183,7 @@ class SensorClient:
         # sequence number the daemon may still remember.
         self._seq = time.time_ns() // 1000 if first_seq is None else int(first_seq)
         self._ctx = context or zmq.Context.instance()
-        self._sock = _new_dealer(self._ctx, address)
+        self._sock = new_socket(self._ctx, address, curve)
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._credit = 1  # before the first reply (protocol.md, credit rules)
         self.stats = PushStats()
@@ -293,7 +303,7 @@ class SensorClient:
             # Lazy Pirate: a fresh socket, then resend everything unacked on it (the old
             # socket's queued messages and late replies are gone with it).
             self._sock.close(linger=0)
-            self._sock = _new_dealer(self._ctx, self.address)
+            self._sock = new_socket(self._ctx, self.address, self.curve)
             for p in self._pending.values():
                 if p.resend_at is None:
                     self.stats.retried += 1

@@ -41,6 +41,16 @@ class ServeConfig:
                                      # 32 gave 59 % against 91 % (a third as many steps)
     dedup_window: int = 1024         # recent sequence numbers remembered per sensor
     stats_interval_s: float = 0.25   # how often the learner thread publishes its stats
+    # Limits on what one request may carry (docs/protocol.md, "Limits"). Checked before
+    # anything is allocated, so a hostile or broken client costs a refusal, not memory.
+    max_header_bytes: int = 2 * 2**20  # largest header frame (a msgpack map); more: too_large
+    max_header_depth: int = 8        # deepest nesting of maps/arrays in a header
+    max_label_chars: int = 256       # longest string label
+    max_classes: int = 1000          # most distinct labels; a push adding more: too_many_classes
+    # CURVE (docs/security.md): encryption, and only listed clients get in. Both or neither.
+    curve_secret: str = ""           # the daemon's key pair file (`edgecl keygen`: *.key_secret)
+    allow_clients: str = ""          # directory of admitted clients' public keys (*.key)
+    require_curve: bool = False      # refuse to start without curve_secret and allow_clients
 
     def check(self) -> None:
         if not 0 <= self.port <= 65534:
@@ -50,13 +60,20 @@ class ServeConfig:
             raise UserError(f"serve.metrics_port: {self.metrics_port} is not a port")
         for key in ("queue_mb", "credit_window", "max_batch", "max_push_mb", "learn_batch",
                     "dedup_window",
-                    "stats_interval_s"):
+                    "stats_interval_s",
+                    "max_header_bytes", "max_header_depth", "max_label_chars", "max_classes"):
             if getattr(self, key) <= 0:
                 raise UserError(f"serve.{key}: must be positive, got {getattr(self, key)}")
         if self.retry_after_ms < 0:
             raise UserError(f"serve.retry_after_ms: must be >= 0, got {self.retry_after_ms}")
         if not self.bind:
             raise UserError("serve.bind: must be an address such as 0.0.0.0 or 127.0.0.1")
+        if bool(self.curve_secret) != bool(self.allow_clients):
+            raise UserError("serve.curve_secret and serve.allow_clients go together: give both "
+                            "(--curve-secret KEYFILE --allow-clients DIR) or neither")
+        if self.require_curve and not self.curve_secret:
+            raise UserError("serve.require_curve is set but CURVE is not configured: give "
+                            "--curve-secret KEYFILE --allow-clients DIR (see `edgecl keygen`)")
 
     @property
     def queue_bytes(self) -> int:

@@ -24,6 +24,9 @@ DTYPES = {"uint8": np.dtype("u1"), "float32": np.dtype("<f4")}
 
 MAX_LABEL_CHARS = 256
 MAX_SENSOR_CHARS = 128
+# Header limits when the caller gives none (the daemon passes its serve.max_header_* settings).
+MAX_HEADER_BYTES = 2 * 2**20
+MAX_HEADER_DEPTH = 8
 
 
 class ErrorCode:
@@ -36,14 +39,15 @@ class ErrorCode:
     BAD_DTYPE = "bad_dtype"          # dtype not in DTYPES, or not the daemon's input dtype
     BAD_VALUE = "bad_value"          # float32 sample outside [0, 1] or not finite
     BAD_LABEL = "bad_label"          # label count != N, or a label is not an int or a short string
-    TOO_LARGE = "too_large"          # more samples or bytes in one push than the daemon allows
+    TOO_LARGE = "too_large"          # more samples or bytes in one push (or header) than allowed
+    TOO_MANY_CLASSES = "too_many_classes"  # the push would take the daemon past max_classes
     BUSY = "busy"                    # queue full: nothing was accepted, retry after retry_after_ms
     SHUTTING_DOWN = "shutting_down"  # daemon is draining: nothing was accepted, try again later
     NOT_FOUND = "not_found"          # a snapshot version or file that is not (or no longer) there
     INTERNAL = "internal"            # a fault in edgecl itself; the daemon logged a traceback
 
     ALL = (BAD_REQUEST, BAD_VERSION, UNKNOWN_OP, BAD_SHAPE, BAD_DTYPE, BAD_VALUE, BAD_LABEL,
-           TOO_LARGE, BUSY, SHUTTING_DOWN, NOT_FOUND, INTERNAL)
+           TOO_LARGE, TOO_MANY_CLASSES, BUSY, SHUTTING_DOWN, NOT_FOUND, INTERNAL)
     RETRYABLE = (BUSY, SHUTTING_DOWN)
 
 
@@ -60,9 +64,17 @@ def pack(obj: dict) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def unpack_header(frame: bytes) -> dict:
-    """Decode a request header; anything but a msgpack map with the right version is refused."""
+def unpack_header(frame: bytes, max_bytes: int = MAX_HEADER_BYTES,
+                  max_depth: int = MAX_HEADER_DEPTH) -> dict:
+    """Decode a request header; anything but a msgpack map with the right version is refused.
+
+    Size, nesting and every declared length are checked on the raw bytes first (see
+    check_msgpack_bounds), so a msgpack bomb is refused before msgpack allocates for it."""
+    if len(frame) > max_bytes:
+        raise WireError(ErrorCode.TOO_LARGE,
+                        f"header of {len(frame)} bytes; this daemon takes at most {max_bytes}")
     try:
+        check_msgpack_bounds(frame, max_depth)
         header = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise WireError(ErrorCode.BAD_REQUEST, f"header is not valid msgpack ({exc})") from None
@@ -70,7 +82,7 @@ def unpack_header(frame: bytes) -> dict:
         raise WireError(ErrorCode.BAD_REQUEST,
                         f"header must be a msgpack map, got {type(header).__name__}")
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise WireError(ErrorCode.BAD_VERSION,
                         f"protocol version {version!r} is not supported; this daemon speaks "
                         f"v={PROTOCOL_VERSION}")
@@ -78,6 +90,80 @@ def unpack_header(frame: bytes) -> dict:
     if not isinstance(op, str):
         raise WireError(ErrorCode.BAD_REQUEST, "header needs a string field 'op'")
     return header
+
+
+# Bytes that follow a msgpack type byte before its value: (length-field size, fixed extra).
+# Containers and variable-length types are handled in check_msgpack_bounds itself.
+_FIXED_WIDTH = {0xc0: 0, 0xc2: 0, 0xc3: 0, 0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4,
+                0xcf: 8, 0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8,
+                0xd4: 2, 0xd5: 3, 0xd6: 5, 0xd7: 9, 0xd8: 17}           # fixext: type + data
+_LENGTH_PREFIXED = {0xc4: (1, 0), 0xc5: (2, 0), 0xc6: (4, 0),          # bin 8/16/32
+                    0xc7: (1, 1), 0xc8: (2, 1), 0xc9: (4, 1),          # ext: length, type, data
+                    0xd9: (1, 0), 0xda: (2, 0), 0xdb: (4, 0)}          # str 8/16/32
+_CONTAINERS = {0xdc: (2, 1), 0xdd: (4, 1), 0xde: (2, 2), 0xdf: (4, 2)}  # array/map 16/32
+
+
+def check_msgpack_bounds(data: bytes, max_depth: int) -> None:
+    """Walk msgpack bytes without building anything; ValueError unless they hold exactly one
+    object, nested at most `max_depth` maps/arrays deep, whose every declared length fits in
+    the bytes that follow it.
+
+    msgpack preallocates a list for an array's declared length before reading its items, so
+    a few bytes declaring millions of items, nested a thousand deep, can cost gigabytes. After
+    this check every item is backed by at least one byte of the frame: what unpackb allocates
+    is bounded by the frame's size."""
+    end = len(data)
+    pos = 0
+    pending = [1]  # items still to read at each open level; the bottom one is the root
+    while pending:
+        if pending[-1] == 0:
+            pending.pop()
+            continue
+        if pos >= end:
+            raise ValueError("truncated: the data ends inside an object")
+        pending[-1] -= 1
+        kind = data[pos]
+        pos += 1
+        if kind <= 0x7f or kind >= 0xe0:          # positive / negative fixint
+            continue
+        if 0xa0 <= kind <= 0xbf:                  # fixstr
+            pos += kind & 0x1f
+        elif kind <= 0x9f:                        # fixmap 0x80-0x8f, fixarray 0x90-0x9f
+            count = (kind & 0x0f) * (2 if kind <= 0x8f else 1)
+            pos = _open(pending, count, pos, end, max_depth)
+            continue
+        elif kind in _FIXED_WIDTH:
+            pos += _FIXED_WIDTH[kind]
+        elif kind in _LENGTH_PREFIXED:
+            width, extra = _LENGTH_PREFIXED[kind]
+            pos += width + extra + _read_length(data, pos, width)
+        elif kind in _CONTAINERS:
+            width, per_item = _CONTAINERS[kind]
+            pos = _open(pending, _read_length(data, pos, width) * per_item, pos + width, end,
+                        max_depth)
+            continue
+        else:                                     # 0xc1: never used
+            raise ValueError(f"byte 0x{kind:02x} at offset {pos - 1} is not msgpack")
+        if pos > end:
+            raise ValueError("truncated: a value runs past the end of the data")
+    if pos != end:
+        raise ValueError(f"{end - pos} bytes of extra data after the header map")
+
+
+def _read_length(data: bytes, pos: int, width: int) -> int:
+    if pos + width > len(data):
+        raise ValueError("truncated: the data ends inside a length field")
+    return int.from_bytes(data[pos:pos + width], "big")
+
+
+def _open(pending: list, count: int, pos: int, end: int, max_depth: int) -> int:
+    if count > end - pos:
+        raise ValueError(f"a map or array declares {count} items but only {end - pos} bytes "
+                         "follow")
+    if len(pending) > max_depth:
+        raise ValueError(f"maps and arrays nest deeper than {max_depth} levels")
+    pending.append(count)
+    return pos
 
 
 def unpack_reply(frame: bytes) -> dict:
@@ -149,7 +235,7 @@ def _require(header: dict, key: str, kind: type | tuple, what: str):
     return value
 
 
-def check_labels(labels: Any, n: int) -> list:
+def check_labels(labels: Any, n: int, max_label_chars: int = MAX_LABEL_CHARS) -> list:
     """Labels are ints or strings, exactly one per sample; 1 and "1" are different labels."""
     if not isinstance(labels, list):
         raise WireError(ErrorCode.BAD_LABEL, "'labels' must be an array with one label per sample")
@@ -160,18 +246,18 @@ def check_labels(labels: Any, n: int) -> list:
         if kind is int:
             continue
         if kind is str:
-            if 0 < len(label) <= MAX_LABEL_CHARS:
+            if 0 < len(label) <= max_label_chars:
                 continue
             raise WireError(ErrorCode.BAD_LABEL,
                             f"label {i} is a string of {len(label)} chars; "
-                            f"use 1..{MAX_LABEL_CHARS}")
+                            f"use 1..{max_label_chars}")
         raise WireError(ErrorCode.BAD_LABEL,
                         f"label {i} is {kind.__name__} {label!r}; labels must be ints or strings")
     return labels
 
 
 def decode_push(header: dict, payload: Any, *, max_samples: int, max_bytes: int,
-                spec: InputSpec | None) -> PushRequest:
+                spec: InputSpec | None, max_label_chars: int = MAX_LABEL_CHARS) -> PushRequest:
     """Validate a push header against its payload frame and the daemon's input spec.
 
     `payload` is anything exposing the buffer protocol (a zmq.Frame's .buffer, bytes). The
@@ -216,7 +302,7 @@ def decode_push(header: dict, payload: Any, *, max_samples: int, max_bytes: int,
         if dtype_name != spec.dtype:
             raise WireError(ErrorCode.BAD_DTYPE,
                             f"samples are {dtype_name} but this daemon learns {spec.dtype}")
-    labels = check_labels(header.get("labels"), n)
+    labels = check_labels(header.get("labels"), n, max_label_chars)
     x = np.frombuffer(view, dtype=dtype).reshape(shape)
     if dtype_name == "float32":
         # One vectorised pass; NaN fails both comparisons, so it is caught too.

@@ -8,6 +8,7 @@ import logging
 import threading
 
 from edgecl.errors import UserError
+from edgecl.security import add_client_args, client_curve_from_args
 
 log = logging.getLogger("edgecl.pull")
 
@@ -53,6 +54,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"daemon address (default {DEFAULT_ADDRESS})")
     p.add_argument("--timeout", type=float, default=2.5, metavar="S")
     p.add_argument("--retries", type=int, default=2)
+    add_client_args(p)
 
 
 def _unavailable(exc) -> UserError:
@@ -64,7 +66,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from edgecl.export.device import DeviceClient
 
     client = DeviceClient(args.address, args.out, int8_only=args.int8_only,
-                          timeout=args.timeout, retries=args.retries)
+                          timeout=args.timeout, retries=args.retries,
+                          curve=client_curve_from_args(args))
     if args.watch:
         print(f"watching {args.address} for snapshots; installing into {args.out} "
               "(Ctrl-C to stop)", flush=True)
@@ -87,13 +90,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from edgecl.client import Connection, DaemonUnavailable, RequestRefused
 
+    curve = client_curve_from_args(args)
     try:
-        with Connection(args.address, args.timeout, args.retries) as conn:
+        with Connection(args.address, args.timeout, args.retries, curve=curve) as conn:
             before = conn.request("snapshot.export").get("latest")
         if not args.wait_ms:
             print("export requested")
             return 0
-        with Connection(args.address, args.timeout + args.wait_ms / 1000, args.retries) as conn:
+        with Connection(args.address, args.timeout + args.wait_ms / 1000, args.retries,
+                        curve=curve) as conn:
             info = conn.request("snapshot.info", since=before or 0, wait_ms=args.wait_ms)
     except (DaemonUnavailable, RequestRefused) as exc:
         raise _unavailable(exc) from None
@@ -114,8 +119,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from edgecl.client import Connection, DaemonUnavailable, RequestRefused
 
     fields = {} if args.to is None else {"to": args.to}
+    curve = client_curve_from_args(args)
     try:
-        with Connection(args.address, args.timeout, args.retries) as conn:
+        with Connection(args.address, args.timeout, args.retries, curve=curve) as conn:
             reply = conn.request("snapshot.rollback", **fields)
     except RequestRefused as exc:
         raise UserError(exc.message) from None

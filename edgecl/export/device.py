@@ -28,8 +28,9 @@ from typing import Callable
 import zmq
 
 from edgecl.client import (DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Connection, DaemonUnavailable,
-                           RequestRefused)
+                           RequestRefused, new_socket)
 from edgecl.errors import UserError
+from edgecl.security import ClientCurve
 from edgecl.export.snapshots import (FP32_FILE, INT8_FILE, META_FILE, SnapshotCorrupt,
                                      fsync_dir, sha256_bytes, sha256_file)
 from edgecl.wire import PROTOCOL_VERSION, ErrorCode, pack, unpack_reply
@@ -45,8 +46,9 @@ class DeviceClient:
 
     def __init__(self, address: str, out_dir: str | os.PathLike, int8_only: bool = False,
                  timeout: float = DEFAULT_TIMEOUT_S, retries: int = DEFAULT_RETRIES,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve: ClientCurve | None = None):
         self.address = address
+        self.curve = curve
         self.out_dir = Path(out_dir)
         self.int8_only = int8_only
         self.timeout = timeout
@@ -76,7 +78,7 @@ class DeviceClient:
         """The daemon's newest version and meta; long-polls up to wait_ms for one > since."""
         fields = {} if since is None else {"since": since, "wait_ms": int(wait_ms)}
         with Connection(self.address, self.timeout + wait_ms / 1000, self.retries,
-                        self._ctx) as conn:
+                        self._ctx, curve=self.curve) as conn:
             return conn.request("snapshot.info", **fields)
 
     def pull(self, wait_ms: int = 0) -> int | None:
@@ -103,10 +105,8 @@ class DeviceClient:
         """Follow new versions until `stop` is set: wake on each PUB announcement (port + 1),
         and long-poll `snapshot.info` as a fallback for announcements missed."""
         stop = stop or threading.Event()
-        sub = self._ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
+        sub = new_socket(self._ctx, _pub_address(self.address), self.curve, zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
-        sub.connect(_pub_address(self.address))
         try:
             while not stop.is_set():
                 try:
@@ -217,10 +217,7 @@ class DeviceClient:
             sock.close(linger=0)
 
     def _dealer(self) -> zmq.Socket:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.address)
-        return sock
+        return new_socket(self._ctx, self.address, self.curve)
 
 
 def _pub_address(address: str) -> str:

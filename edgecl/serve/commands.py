@@ -11,6 +11,7 @@ import time
 
 from edgecl import config as config_mod
 from edgecl.errors import UserError
+from edgecl.security import add_client_args, client_curve_from_args
 
 log = logging.getLogger("edgecl.serve")
 
@@ -39,6 +40,10 @@ def _register_serve(subparsers) -> None:
                    help="any setting, e.g. --set learner.lr=0.01 (repeatable)")
     hints = config_mod._field_types(config_mod.ServeConfig)
     for f in dataclasses.fields(config_mod.ServeConfig):
+        if hints[f.name] is bool:  # a switch: --require-curve
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"serve__{f.name}",
+                           action="store_true", default=None, help=f"serve.{f.name}")
+            continue
         kind = _scalar(hints[f.name])
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"serve__{f.name}", type=kind,
                        default=None, metavar=f.name.upper(),
@@ -105,6 +110,7 @@ def _register_push(subparsers) -> None:
                    help="seconds to wait for an ack before resending (default 2.5)")
     p.add_argument("--retries", type=int, default=3, help="resends before giving up (default 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_client_args(p)
     p.set_defaults(func=cmd_push)
 
 
@@ -118,6 +124,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         raise UserError(f"--rate must be positive, got {args.rate}")
     if args.limit is not None and args.limit < 0:
         raise UserError(f"--limit must be >= 0, got {args.limit}")
+    curve = client_curve_from_args(args)
     x, labels = load_source(args.source)
     if args.limit is not None:
         x, labels = x[:args.limit], labels[:args.limit]
@@ -127,7 +134,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     bar = tqdm(total=total, unit="sample", desc=f"push {args.source}", file=sys.stderr,
                disable=args.no_progress, dynamic_ncols=True)
     client = SensorClient(args.to, sensor=args.sensor, timeout=args.timeout,
-                          retries=args.retries)
+                          retries=args.retries, curve=curve)
     started = time.monotonic()
     failure: Exception | None = None
     try:
@@ -167,6 +174,7 @@ def _register_status(subparsers) -> None:
                                                        "docs/protocol.md)")
     p.add_argument("--timeout", type=float, default=2.5, metavar="S")
     p.add_argument("--retries", type=int, default=2)
+    add_client_args(p)
     p.set_defaults(func=cmd_status)
 
 
@@ -174,7 +182,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from edgecl.client import DaemonUnavailable, get_status
 
     try:
-        status = get_status(args.address, timeout=args.timeout, retries=args.retries)
+        status = get_status(args.address, timeout=args.timeout, retries=args.retries,
+                            curve=client_curve_from_args(args))
     except DaemonUnavailable as exc:
         raise UserError(str(exc)) from None
     if args.json:

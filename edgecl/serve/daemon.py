@@ -43,6 +43,7 @@ import zmq
 from edgecl import __version__
 from edgecl.config import Config
 from edgecl.errors import UserError
+from edgecl.security import server_curve
 from edgecl.serve.queue import Batch, IngestQueue, SeenSequences
 from edgecl.wire import (PROTOCOL_VERSION, ErrorCode, InputSpec, WireError, decode_push,
                          error_reply, ok_reply, pack, unpack_header)
@@ -74,6 +75,7 @@ class Daemon:
     def __init__(self, config: Config, learner: Any = None):
         config.check()
         self.config = config
+        self.curve = server_curve(config.serve)  # key files checked before anything starts
         self.state_dir = Path(config.serve.state_dir)
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -116,6 +118,7 @@ class Daemon:
         self._idle_hooks: list[Callable[[Any, int], None]] = []
 
         self._extra_status: dict = {}
+        self._classes: set | None = None  # labels accepted so far (serve.max_classes)
         self._ops: dict[str, OpHandler] = {"ping": self._op_ping, "status": self._op_status}
         self._long_poll_ops: set[str] = set()
         self._parked: list[tuple[float, list, dict, Any]] = []  # held long-poll requests
@@ -180,10 +183,14 @@ class Daemon:
         """Bind ROUTER on port and PUB on port + 1; port 0 picks a free pair."""
         serve = self.config.serve
         self._ctx = zmq.Context()
+        if self.curve is not None:
+            self.curve.start(self._ctx)  # the ZAP handler, before any client can connect
         router = self._ctx.socket(zmq.ROUTER)
         pub = self._ctx.socket(zmq.PUB)
         for sock in (router, pub):
             sock.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                self.curve.apply(sock)
         # A hard guard against memory exhaustion; pushes up to max_push_bytes get a proper
         # too_large reply, only absurd messages are dropped by ZeroMQ (the peer is disconnected).
         router.setsockopt(zmq.MAXMSGSIZE, 4 * serve.max_push_bytes + 2**20)
@@ -199,6 +206,8 @@ class Daemon:
         except BaseException:
             router.close()
             pub.close()
+            if self.curve is not None:
+                self.curve.stop()
             self._ctx.term()
             raise
         self._router, self._pub = router, pub
@@ -209,6 +218,13 @@ class Daemon:
         log.info("listening on tcp://%s:%d (requests), tcp://%s:%d (announcements)%s",
                  serve.bind, self.port, serve.bind, self.pub_port,
                  f", metrics on :{serve.metrics_port}" if serve.metrics_port else "")
+        if self.curve is not None:
+            log.info("CURVE on: encrypted, admitting the %d client keys in %s",
+                     len(self.curve.allowed), self.curve.allowed_dir)
+        else:
+            log.warning("CURVE is off: traffic is unencrypted and anyone who can reach port %d "
+                        "can push and pull; see docs/security.md (serve.require_curve refuses "
+                        "this)", self.port)
         self._bound.set()
 
     @staticmethod
@@ -345,6 +361,8 @@ class Daemon:
         for sock in (self._router, self._pub):
             if sock is not None:
                 sock.close(linger=0)
+        if self.curve is not None:
+            self.curve.stop()
         if self._ctx is not None:
             self._ctx.term()
 
@@ -362,7 +380,9 @@ class Daemon:
                 raise WireError(ErrorCode.BAD_REQUEST,
                                 f"expected a header frame and at most one payload frame, "
                                 f"got {len(body)} frames")
-            header = unpack_header(body[0].bytes)
+            serve = self.config.serve
+            header = unpack_header(body[0].bytes, max_bytes=serve.max_header_bytes,
+                                   max_depth=serve.max_header_depth)
             payload = body[1].buffer if len(body) == 2 else None
             op = header["op"]
             if op == "push":
@@ -431,7 +451,8 @@ class Daemon:
     def _op_push(self, header: dict, payload) -> dict:
         serve = self.config.serve
         request = decode_push(header, payload, max_samples=serve.max_batch,
-                              max_bytes=serve.max_push_bytes, spec=self.spec)
+                              max_bytes=serve.max_push_bytes, spec=self.spec,
+                              max_label_chars=serve.max_label_chars)
         rid = header.get("rid")
         previous = self.seen.lookup(request.sensor, request.seq)
         if previous is not None:
@@ -444,6 +465,7 @@ class Daemon:
             return self._error(header, ErrorCode.SHUTTING_DOWN,
                                "the daemon is shutting down; nothing was accepted",
                                retry_after_ms=1000)
+        new_classes = self._check_classes(request.labels)
         batch = Batch(request.sensor, request.seq, request.x, request.labels,
                       first=self._next_offset)
         if not self._commit(batch):
@@ -455,6 +477,7 @@ class Daemon:
                                retry_after_ms=serve.retry_after_ms, credit=0)
         if self.spec is None:
             self._fix_spec(request.spec)
+        self._classes |= new_classes
         self.seen.record(request.sensor, request.seq, batch.first, batch.n)
         self._next_offset += batch.n
         self.samples_received += batch.n
@@ -475,6 +498,26 @@ class Daemon:
             return False
         # journal.append(batch) belongs here (durability issue).
         return self.queue.try_put(batch)
+
+    def _check_classes(self, labels: list) -> set:
+        """The labels in this push the daemon has not accepted before; too_many_classes if
+        they would take it past serve.max_classes (every new class widens the model's head)."""
+        if self._classes is None:  # first push: start from what a restored learner knows
+            self._classes = set(getattr(self.learner, "labels", None) or ())
+        new = set(labels) - self._classes
+        limit = self.config.serve.max_classes
+        if new and len(self._classes) + len(new) > limit:
+            raise WireError(ErrorCode.TOO_MANY_CLASSES,
+                            f"this push brings {len(new)} new classes; the daemon has "
+                            f"{len(self._classes)} and learns at most {limit} "
+                            "(serve.max_classes)")
+        return new
+
+    def note_classes(self, labels) -> None:
+        """Count labels accepted outside a push (journal replay at startup) toward the limit."""
+        if self._classes is None:
+            self._classes = set(getattr(self.learner, "labels", None) or ())
+        self._classes.update(labels)
 
     def _credit(self, batch_bytes: int) -> int:
         """Pushes this client may have unacknowledged: the window, cut down so that all active
@@ -653,6 +696,8 @@ class Daemon:
             "skipped_steps": stats.get("skipped_steps"),
             "snapshot_version": None,
             "learner_error": learner_error,
+            "curve": self.curve is not None,
+            "curve_refused": self.curve.refused if self.curve is not None else 0,
         }
         status.update(extra)
         return status

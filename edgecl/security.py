@@ -1,0 +1,244 @@
+"""CURVE keys: `edgecl keygen`, and loading key files for the daemon and its clients.
+
+ZeroMQ's CURVE encrypts every frame; with a ZAP handler (pyzmq's `zmq.auth`) the daemon also
+admits only clients whose public key it lists. Both the request (ROUTER) and announcement (PUB)
+sockets are CURVE servers, so a stranger can neither push nor pull nor listen. What this does
+and does not protect is in docs/security.md.
+
+Key files are pyzmq's (czmq's) certificate format, written by `edgecl keygen DIR --name NAME`:
+    DIR/NAME.key          the public key: give it to the other side
+    DIR/NAME.key_secret   public + secret key, mode 0600: never leaves this machine
+Every mistake with a key file is a one-line UserError, never a traceback or a silent
+"admit nobody".
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.utils import z85
+
+from edgecl.errors import UserError
+
+log = logging.getLogger("edgecl.security")
+
+SERVER_NAME = "server"
+PUBLIC_SUFFIX = ".key"
+SECRET_SUFFIX = ".key_secret"
+KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_LOGGED_STRANGERS = 100  # distinct refused keys logged; beyond that only counted
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    public: bytes   # z85, 40 chars
+    secret: bytes   # z85, 40 chars
+
+
+def _read_certificate(path: str | os.PathLike, what: str) -> tuple[bytes, bytes | None]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; create keys with `edgecl keygen DIR`")
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{what} {path} is not a CURVE key file ({exc})") from None
+    for name, key in (("public", public), ("secret", secret)):
+        if key is not None and not _is_z85_key(key):
+            raise UserError(f"{what} {path}: its {name} key is not a 40-character Z85 key")
+    return public, secret
+
+
+def _is_z85_key(key: bytes) -> bool:
+    if len(key) != 40:
+        return False
+    try:
+        return len(z85.decode(key)) == 32
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def load_public_key(path: str | os.PathLike, what: str = "public key file") -> bytes:
+    return _read_certificate(path, what)[0]
+
+
+def load_key_pair(path: str | os.PathLike, what: str = "key pair file") -> KeyPair:
+    public, secret = _read_certificate(path, what)
+    if secret is None:
+        raise UserError(f"{what} {path} holds only a public key; give the {SECRET_SUFFIX} file "
+                        "written by `edgecl keygen`")
+    return KeyPair(public, secret)
+
+
+def load_allowed_keys(directory: str | os.PathLike) -> set[bytes]:
+    """Every public key in DIR/*.key. An empty or missing directory is an error: a daemon
+    that admits nobody is never what was meant."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"client key directory {directory} does not exist")
+    keys = {load_public_key(path, "client key file")
+            for path in sorted(directory.glob(f"*{PUBLIC_SUFFIX}"))}
+    if not keys:
+        raise UserError(f"client key directory {directory} holds no *{PUBLIC_SUFFIX} files; "
+                        "copy each client's public key there (`edgecl keygen DIR --name NAME`)")
+    return keys
+
+
+# ------------------------------------------------------------------------------ daemon side
+
+class ServerCurve:
+    """The daemon's key pair and allow-list; `apply` makes a socket a CURVE server, and
+    `start(ctx)` runs the ZAP handler that checks each connecting client's key."""
+
+    def __init__(self, keys: KeyPair, allowed: set[bytes], allowed_dir: str):
+        self.keys = keys
+        self.allowed = frozenset(allowed)
+        self.allowed_dir = allowed_dir
+        self._authenticator = None
+        self._lock = threading.Lock()
+        self.refused = 0                 # handshakes with a key not on the list
+        self._strangers: set[bytes] = set()
+
+    def start(self, ctx: zmq.Context) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        auth = ThreadAuthenticator(ctx, log=logging.getLogger("edgecl.security.zap"))
+        auth.start()
+        auth.configure_curve_callback(domain="*", credentials_provider=self)
+        self._authenticator = auth
+
+    def stop(self) -> None:
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
+
+    def apply(self, sock: zmq.Socket) -> None:
+        sock.curve_secretkey = self.keys.secret
+        sock.curve_publickey = self.keys.public
+        sock.curve_server = True
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        """ZAP: admit a client key (z85) only if it is listed. Runs in the ZAP thread."""
+        if client_key in self.allowed:
+            return True
+        with self._lock:
+            self.refused += 1
+            first_time = (client_key not in self._strangers
+                          and len(self._strangers) < MAX_LOGGED_STRANGERS)
+            if first_time:
+                self._strangers.add(client_key)
+        if first_time:
+            log.warning("refused a CURVE client whose key %s is not in %s",
+                        client_key.decode("ascii", "replace"), self.allowed_dir)
+        return False
+
+
+def server_curve(serve) -> ServerCurve | None:
+    """The daemon's CURVE setup from `serve.curve_secret` / `serve.allow_clients`, or None."""
+    if not serve.curve_secret:
+        return None
+    keys = load_key_pair(serve.curve_secret, "server key pair (--curve-secret)")
+    allowed = load_allowed_keys(serve.allow_clients)
+    return ServerCurve(keys, allowed, serve.allow_clients)
+
+
+# ------------------------------------------------------------------------------ client side
+
+@dataclass(frozen=True)
+class ClientCurve:
+    """What a client needs to reach a CURVE daemon: the daemon's public key, its own pair."""
+
+    server_public: bytes
+    keys: KeyPair
+
+    def apply(self, sock: zmq.Socket) -> None:
+        sock.curve_serverkey = self.server_public
+        sock.curve_publickey = self.keys.public
+        sock.curve_secretkey = self.keys.secret
+
+
+def client_curve(server_key: str | None, key_pair: str | None) -> ClientCurve | None:
+    """From the two client flags; neither means plain TCP, one without the other is an error."""
+    if not server_key and not key_pair:
+        return None
+    if not (server_key and key_pair):
+        raise UserError("CURVE needs both --curve-server-key (the daemon's .key file) and "
+                        f"--curve-key (this client's {SECRET_SUFFIX} file)")
+    return ClientCurve(load_public_key(server_key, "server public key (--curve-server-key)"),
+                       load_key_pair(key_pair, "client key pair (--curve-key)"))
+
+
+def add_client_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every client command takes to talk to a CURVE daemon."""
+    parser.add_argument("--curve-server-key", metavar="FILE",
+                        help="the daemon's public key (server.key); turns CURVE on")
+    parser.add_argument("--curve-key", metavar="FILE",
+                        help=f"this client's key pair (NAME{SECRET_SUFFIX} from edgecl keygen)")
+
+
+def client_curve_from_args(args: argparse.Namespace) -> ClientCurve | None:
+    return client_curve(args.curve_server_key, args.curve_key)
+
+
+# ------------------------------------------------------------------------------ keygen
+
+def keygen(directory: str | os.PathLike, name: str = SERVER_NAME,
+           force: bool = False) -> tuple[Path, Path]:
+    """Write DIR/NAME.key and DIR/NAME.key_secret (0600); returns (public, secret) paths."""
+    if not KEY_NAME.match(name):
+        raise UserError(f"--name {name!r}: use 1..64 letters, digits, '.', '_' or '-'")
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create key directory {directory}: {exc.strerror}") from None
+    public = directory / f"{name}{PUBLIC_SUFFIX}"
+    secret = directory / f"{name}{SECRET_SUFFIX}"
+    existing = [str(p) for p in (public, secret) if p.exists()]
+    if existing and not force:
+        raise UserError(f"{' and '.join(existing)} already exist; pass --force to replace "
+                        "them (every client holding the old public key is then locked out)")
+    try:
+        # Written in a private (0700) scratch directory, then renamed in: the secret is never
+        # readable by others, not even for a moment.
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".keygen-") as scratch:
+            made_public, made_secret = zmq.auth.create_certificates(scratch, name)
+            os.chmod(made_secret, 0o600)
+            os.chmod(made_public, 0o644)
+            os.replace(made_secret, secret)
+            os.replace(made_public, public)
+    except OSError as exc:
+        raise UserError(f"cannot write keys in {directory}: {exc.strerror}") from None
+    return public, secret
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "keygen", help="write a CURVE key pair for the daemon or a client",
+        description="Write DIR/NAME.key (public: hand it to the other side) and "
+                    "DIR/NAME.key_secret (secret, mode 0600: keep it where it was made). "
+                    "The daemon uses server.key_secret with --curve-secret and admits the "
+                    "clients whose .key files are in its --allow-clients directory.")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--name", default=SERVER_NAME,
+                   help=f"key pair name, e.g. a sensor's (default {SERVER_NAME!r})")
+    p.add_argument("--force", action="store_true", help="replace an existing pair")
+    p.set_defaults(func=cmd_keygen)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    public, secret = keygen(args.directory, args.name, args.force)
+    role = ("daemon: `edgecl serve --curve-secret " + str(secret) + "`; give " + str(public)
+            + " to every client (--curve-server-key)") if args.name == SERVER_NAME else \
+        ("client: use --curve-key " + str(secret) + "; copy " + str(public)
+         + " into the daemon's --allow-clients directory")
+    print(f"wrote {public} (public) and {secret} (secret, keep private)\n{role}")
+    return 0
