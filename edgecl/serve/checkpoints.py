@@ -1,0 +1,342 @@
+"""Checkpoints of the whole daemon state, and the restart that resumes from them.
+
+    STATE/checkpoints/<stream offset covered, 20 digits>.ckpt    the newest two are kept
+
+A checkpoint file is `EDGECLC1`, the payload length (u64 little-endian), the payload's sha256,
+then the payload: a `torch.save` of
+
+    {format, covered, created, learner: OnlineLearner.state_dict(), dedup: SeenSequences state,
+     counters: {...}, parts: {"heldout": ...}, snapshot_version}
+
+`covered` is the stream offset up to which every accepted push has been learned (or held out,
+or failed) in this state: the learner consumes pushes in offset order, and a checkpoint is only
+taken between pushes. Restart = newest checkpoint that reads back whole + the journal records
+from `covered` on. So a sample learned after the checkpoint is learned again from the
+checkpoint's state, which never saw it: exactly once. The dedup state saved is the learner
+thread's own record of the pushes it consumed, so it matches `covered` exactly.
+
+Who does what: the learner thread writes checkpoints (it owns torch and the learner); the
+restore runs in `Daemon.__init__`, before any thread starts. Writes are atomic (temporary
+file, fsync, rename, fsync of the directory). Journal segments are removed once the *older*
+of the two kept checkpoints covers them, so falling back to it never misses a record.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import logging
+import os
+import struct
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from edgecl.errors import UserError
+from edgecl.export.snapshots import TMP_PREFIX, write_atomic
+from edgecl.serve.journal import Journal
+from edgecl.serve.queue import Batch, SeenSequences
+
+log = logging.getLogger("edgecl.checkpoints")
+
+MAGIC = b"EDGECLC1"
+HEAD = struct.Struct("<8sQ32s")     # magic, payload bytes, sha256 of the payload
+SUFFIX = ".ckpt"
+KEEP = 2
+FORMAT = 1
+LOCK_FILE = "LOCK"
+
+
+class CheckpointDamaged(Exception):
+    """A checkpoint file that does not read back whole."""
+
+
+def encode(state: dict) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    return HEAD.pack(MAGIC, len(payload), hashlib.sha256(payload).digest()) + payload
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The state in `path`; CheckpointDamaged if it is short, altered or unreadable."""
+    import torch
+
+    data = Path(path).read_bytes()
+    if len(data) < HEAD.size:
+        raise CheckpointDamaged(f"{len(data)} bytes, shorter than the header")
+    magic, length, digest = HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise CheckpointDamaged("not an edgecl checkpoint (bad magic)")
+    payload = memoryview(data)[HEAD.size:]
+    if len(payload) != length:
+        raise CheckpointDamaged(f"payload is {len(payload)} bytes, header says {length}")
+    if hashlib.sha256(payload).digest() != digest:
+        raise CheckpointDamaged("sha256 mismatch")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    except Exception as exc:  # a payload that hashes right but does not unpickle
+        raise CheckpointDamaged(f"unreadable payload ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointDamaged(f"unknown checkpoint format {state.get('format')!r}")
+    return state
+
+
+class CheckpointStore:
+    """The newest KEEP checkpoints in `directory`, named by the offset they cover."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = KEEP):
+        self.directory = Path(directory)
+        self.keep = keep
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob(f"{TMP_PREFIX}*"):
+            stale.unlink()  # a write a crash interrupted
+
+    def paths(self) -> list[Path]:
+        """Checkpoint files, oldest first."""
+        return sorted(p for p in self.directory.glob(f"*{SUFFIX}") if p.stem.isdigit())
+
+    def save(self, state: dict) -> tuple[Path, int]:
+        """Write `state` (its `covered` names the file) and prune; returns path and bytes."""
+        data = encode(state)
+        path = self.directory / f"{state['covered']:020d}{SUFFIX}"
+        write_atomic(path, data)
+        for old in self.paths()[:-self.keep]:
+            old.unlink()
+        return path, len(data)
+
+    def load_newest(self) -> tuple[dict, Path] | None:
+        """The newest checkpoint that reads back whole; a damaged one is skipped with a log
+        line. None when there is none; UserError when there are some but none is whole."""
+        paths = self.paths()
+        for path in reversed(paths):
+            try:
+                return read_checkpoint(path), path
+            except (CheckpointDamaged, OSError) as exc:
+                log.warning("checkpoint %s does not read back (%s); trying an older one", path,
+                            exc)
+        if paths:
+            raise UserError(f"no checkpoint in {self.directory} reads back whole; move that "
+                            "directory and the journal aside to start over from nothing")
+        return None
+
+    def oldest_covered(self) -> int:
+        """The offset every kept checkpoint covers (journal segments below it can go)."""
+        paths = self.paths()
+        return int(paths[0].stem) if paths else 0
+
+
+class StateKeeper:
+    """Restores the daemon at start, replays the journal, and checkpoints it as it learns.
+
+    Parts other features keep in the checkpoint (the held-out slice) are registered with
+    `add_part(name, get_state, set_state)` and restored after every feature has attached.
+    """
+
+    def __init__(self, daemon, journal: Journal, every_steps: int, every_s: float):
+        self.daemon = daemon
+        self.journal = journal
+        self.every_steps = every_steps
+        self.every_s = every_s
+        self._lock_file = _lock_state_dir(daemon.state_dir)
+        try:
+            self.store = CheckpointStore(daemon.state_dir / "checkpoints")
+        except OSError as exc:
+            raise UserError(f"cannot use {daemon.state_dir / 'checkpoints'}: "
+                            f"{exc.strerror or exc}") from None
+        self._parts: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
+        self._saved_parts: dict = {}
+        # Learner thread's record of what it consumed: covered offset, dedup, batch count.
+        self.covered = 0
+        self.covered_seen = SeenSequences(daemon.seen.window, daemon.seen.max_sensors)
+        self.batches_covered = 0
+        self.replay_end = 0
+        self._saved_covered: int | None = None
+        self._saved_steps = 0
+        self._saved_at = time.monotonic()
+        self.status: dict = {"covered": 0, "path": None, "bytes": None, "seconds": None,
+                             "time": None, "restored_from": None, "replayed_samples": 0,
+                             "error": None}
+
+    # -- startup (main thread, before the daemon's threads) ---------------------------------
+
+    def restore(self) -> None:
+        """Newest whole checkpoint into the learner and the daemon's counters and dedup
+        record, then the journal's later records into dedup and offsets."""
+        daemon = self.daemon
+        loaded = self.store.load_newest()
+        if loaded is not None:
+            state, path = loaded
+            self._apply(state, path)
+        next_offset, records = self.journal.open(self.covered)
+        for record in records:
+            daemon.seen.record(record.sensor, record.seq, record.first, record.n)
+            if hasattr(daemon, "note_classes"):
+                daemon.note_classes(record.labels)
+        daemon._next_offset = next_offset
+        daemon.samples_received = next_offset
+        daemon.batches_received = self.batches_covered + len(records)
+        self.replay_end = next_offset
+        self._saved_covered = self.covered if loaded is not None else None
+        self._saved_steps = int(getattr(daemon.learner, "steps", 0) or 0)
+        if loaded is not None or records:
+            log.info("restored: checkpoint %s covers %d samples; %d journaled samples in %d "
+                     "pushes to replay", loaded[1].name if loaded else "(none)", self.covered,
+                     next_offset - self.covered, len(records))
+        self._publish()
+
+    def _apply(self, state: dict, path: Path) -> None:
+        daemon = self.daemon
+        learner_state = state["learner"]
+        configured = getattr(daemon.learner, "config", None)
+        if is_dataclass(configured):
+            differ = sorted(k for k, v in asdict(configured).items()
+                            if k != "threads" and learner_state["config"].get(k) != v)
+            if differ:
+                log.warning("the checkpoint's learner settings differ from the configured ones "
+                            "(%s); continuing with the checkpoint's. Use a fresh --state-dir to "
+                            "start over with the new settings", ", ".join(differ))
+        try:
+            daemon.learner.load_state_dict(learner_state)
+        except Exception as exc:
+            raise UserError(f"checkpoint {path} reads back but does not load into this "
+                            f"learner ({type(exc).__name__}: {exc}); move {path.parent} and "
+                            "the journal aside to start over") from None
+        self.covered = int(state["covered"])
+        counters = state["counters"]
+        daemon.samples_learned = int(counters["samples_learned"])
+        daemon.samples_failed = int(counters["samples_failed"])
+        daemon.samples_duplicate = int(counters["samples_duplicate"])
+        self.batches_covered = int(counters["batches_covered"])
+        for seen in (daemon.seen, self.covered_seen):
+            seen.load_state_dict(state["dedup"])
+        self._saved_parts = state.get("parts", {})
+        self.status["restored_from"] = path.name
+
+    def add_part(self, name: str, get_state: Callable[[], Any],
+                 set_state: Callable[[Any], None]) -> None:
+        self._parts[name] = (get_state, set_state)
+
+    def restore_parts(self) -> None:
+        """Hand each registered part its saved state (after every feature attached)."""
+        for name, (_, set_state) in self._parts.items():
+            if name in self._saved_parts:
+                set_state(self._saved_parts[name])
+        self._saved_parts = {}
+
+    # -- learner thread ---------------------------------------------------------------------
+
+    def replay(self, learn: Callable[[list[Batch]], None], learn_batch: int,
+               stopped: Callable[[], bool] = lambda: False) -> None:
+        """Learn the journaled pushes the checkpoint does not cover, grouped as the queue
+        would group them, before anything new. `stopped()` ends it early (a second signal:
+        what is left stays in the journal for the next start)."""
+        if self.replay_end <= self.covered:
+            return
+        started, group, total = time.monotonic(), [], 0
+        for batch in self.journal.records(self.covered, self.replay_end):
+            if stopped():
+                return
+            if group and total + batch.n > learn_batch:
+                self._learn_group(learn, group)
+                group, total = [], 0
+            group.append(batch)
+            total += batch.n
+        if group:
+            self._learn_group(learn, group)
+        log.info("replayed %d journaled samples in %.1f s", self.status["replayed_samples"],
+                 time.monotonic() - started)
+        if self.covered < self.replay_end:
+            log.error("the journal ends at offset %d, before the %d acked before the restart: "
+                      "%d acked samples are missing (damaged journal)", self.covered,
+                      self.replay_end, self.replay_end - self.covered)
+
+    def _learn_group(self, learn, group: list[Batch]) -> None:
+        learn(group)
+        self.learned(group)
+        self.status["replayed_samples"] += sum(b.n for b in group)
+        self.maybe_save()
+
+    def learned(self, batches: list[Batch]) -> None:
+        """The learner has consumed these pushes (in stream order)."""
+        for batch in batches:
+            self.covered_seen.record(batch.sensor, batch.seq, batch.first, batch.n)
+            self.covered = batch.first + batch.n
+        self.batches_covered += len(batches)
+
+    def maybe_save(self) -> None:
+        """Checkpoint if `every_steps` learner steps or `every_s` seconds have passed since
+        the last one and something new was learned."""
+        steps = int(getattr(self.daemon.learner, "steps", 0) or 0)
+        if (self.every_steps and steps - self._saved_steps >= self.every_steps) or \
+                (self.every_s and time.monotonic() - self._saved_at >= self.every_s):
+            self.save()
+
+    def save(self) -> None:
+        """Write a checkpoint now (if anything changed); a failure is logged and shown in
+        status, and the journal keeps every record until a later checkpoint succeeds."""
+        if self.covered == self._saved_covered or (self.covered == 0 and
+                                                   self._saved_covered is None):
+            self._saved_at = time.monotonic()
+            return
+        daemon = self.daemon
+        started = time.perf_counter()
+        try:
+            state = {
+                "format": FORMAT, "covered": self.covered, "created": time.time(),
+                "learner": daemon.learner.state_dict(),
+                "dedup": self.covered_seen.state_dict(),
+                "counters": {"samples_learned": daemon.samples_learned,
+                             "samples_failed": daemon.samples_failed,
+                             "samples_duplicate": daemon.samples_duplicate,
+                             "batches_covered": self.batches_covered},
+                "parts": {name: get_state() for name, (get_state, _) in self._parts.items()},
+                "snapshot_version": daemon.status().get("snapshot_version"),
+            }
+            path, size = self.store.save(state)
+            removed = self.journal.remove_covered(self.store.oldest_covered())
+        except Exception as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+            self.status["error"] = f"cannot write a checkpoint in {self.store.directory}: {reason}"
+            log.error("%s; the journal keeps every record until one succeeds",
+                      self.status["error"], exc_info=not isinstance(exc, OSError))
+            self._saved_at = time.monotonic()  # retry at the next due time, not every step
+            self._publish()
+            return
+        seconds = time.perf_counter() - started
+        self._saved_covered = self.covered
+        self._saved_steps = int(getattr(daemon.learner, "steps", 0) or 0)
+        self._saved_at = time.monotonic()
+        self.status.update(covered=self.covered, path=path.name, bytes=size,
+                           seconds=round(seconds, 4), time=time.time(), error=None)
+        log.info("checkpoint %s: %d samples covered, %.0f KiB in %.2f s%s", path.name,
+                 self.covered, size / 1024, seconds,
+                 f", {removed} journal segments removed" if removed else "")
+        self._publish()
+
+    def _publish(self) -> None:
+        self.daemon.update_status(checkpoint=dict(self.status), journal=self.journal.stats())
+
+    def close(self) -> None:
+        self.journal.close()
+        self._lock_file.close()
+
+
+def _lock_state_dir(state_dir: Path):
+    """One daemon per state directory: two writing one journal would corrupt it."""
+    path = state_dir / LOCK_FILE
+    try:
+        fh = open(path, "a")
+    except OSError as exc:
+        raise UserError(f"cannot write in the state directory {state_dir}: "
+                        f"{exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise UserError(f"another edgecl daemon is using the state directory {state_dir}; "
+                        "stop it or choose another --state-dir") from None
+    return fh
