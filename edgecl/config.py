@@ -7,6 +7,7 @@ TOML in (`--config edgecl.toml`), flags on top, and every error names the offend
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -29,7 +30,8 @@ class ServeConfig:
 
     port: int = 5555                 # ROUTER for requests; PUB for announcements is port + 1
     bind: str = "0.0.0.0"            # interface address to bind; "127.0.0.1" keeps it local
-    state_dir: str = "state"         # input spec record now; journal and checkpoints later
+    state_dir: str = ""              # journal, checkpoints, snapshots, input spec. Unset:
+                                     # $STATE_DIRECTORY (systemd) if set, else ./state
     metrics_port: int = 0            # Prometheus /metrics on this port; 0 = off
     queue_mb: float = 64.0           # bound on accepted-but-unlearned samples, in MiB
     credit_window: int = 8           # most pushes one client may have unacknowledged
@@ -140,10 +142,54 @@ class SnapshotConfig:
 
 
 @dataclass
+class JournalConfig:
+    """The write-ahead journal (docs/durability.md): what an ack promises after a crash."""
+
+    fsync: str = "batch"               # "batch": fsync before each ack; "interval": every
+                                       # fsync_interval_ms (a power cut may lose acks of that window)
+    fsync_interval_ms: int = 50
+    segment_mb: float = 8.0            # a new segment file after this many MiB
+
+    def check(self) -> None:
+        from edgecl.serve.journal import FSYNC_POLICIES  # no torch there
+        if self.fsync not in FSYNC_POLICIES:
+            raise UserError(f"journal.fsync: {self.fsync!r} is not one of "
+                            f"{', '.join(FSYNC_POLICIES)}")
+        for key in ("fsync_interval_ms", "segment_mb"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"journal.{key}: must be positive, got {getattr(self, key)}")
+
+    @property
+    def segment_bytes(self) -> int:
+        return int(self.segment_mb * 2**20)
+
+
+@dataclass
+class CheckpointConfig:
+    """When the learner's whole state is checkpointed (and at shutdown); the last two are kept."""
+
+    every_steps: int = 500             # learner steps between checkpoints; 0 = off
+    every_s: float = 60.0              # and/or seconds between checkpoints; 0 = off
+
+    def check(self) -> None:
+        for key in ("every_steps", "every_s"):
+            if getattr(self, key) < 0:
+                raise UserError(f"checkpoints.{key}: must be >= 0, got {getattr(self, key)}")
+
+
+def resolve_state_dir(configured: str) -> str:
+    """The state directory: as configured, else systemd's $STATE_DIRECTORY (the first, if
+    StateDirectory= names several), else ./state."""
+    return configured or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "state"
+
+
+@dataclass
 class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     input: InputConfig = field(default_factory=InputConfig)
     snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     # Keyword arguments for edgecl.learn.LearnerConfig; checked in learner_config().
     learner: dict = field(default_factory=dict)
 
@@ -151,6 +197,8 @@ class Config:
         self.serve.check()
         self.input.check()
         self.snapshots.check()
+        self.journal.check()
+        self.checkpoints.check()
 
     def learner_config(self):
         """Build the LearnerConfig; an unknown or ill-typed key is a UserError naming it."""
@@ -172,7 +220,8 @@ class Config:
         return learner_config
 
 
-SECTIONS = {"serve": ServeConfig, "input": InputConfig, "snapshots": SnapshotConfig}
+SECTIONS = {"serve": ServeConfig, "input": InputConfig, "snapshots": SnapshotConfig,
+            "journal": JournalConfig, "checkpoints": CheckpointConfig}
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:

@@ -44,10 +44,11 @@ class ErrorCode:
     BUSY = "busy"                    # queue full: nothing was accepted, retry after retry_after_ms
     SHUTTING_DOWN = "shutting_down"  # daemon is draining: nothing was accepted, try again later
     NOT_FOUND = "not_found"          # a snapshot version or file that is not (or no longer) there
+    STORAGE = "storage"              # the journal could not be written (disk full, unwritable)
     INTERNAL = "internal"            # a fault in edgecl itself; the daemon logged a traceback
 
     ALL = (BAD_REQUEST, BAD_VERSION, UNKNOWN_OP, BAD_SHAPE, BAD_DTYPE, BAD_VALUE, BAD_LABEL,
-           TOO_LARGE, TOO_MANY_CLASSES, BUSY, SHUTTING_DOWN, NOT_FOUND, INTERNAL)
+           TOO_LARGE, TOO_MANY_CLASSES, BUSY, SHUTTING_DOWN, NOT_FOUND, STORAGE, INTERNAL)
     RETRYABLE = (BUSY, SHUTTING_DOWN)
 
 

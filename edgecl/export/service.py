@@ -188,6 +188,11 @@ class SnapshotService:
                                      "files": {n: f["sha256"] for n, f in meta["files"].items()}})
         self._update_status()
 
+    def restore_heldout(self, state: dict) -> None:
+        """The held-out slice from a checkpoint (daemon restart): it stays never-learned."""
+        self.heldout.load_state_dict(state)
+        self._update_status()
+
     def close(self) -> None:
         self._jobs.put(None)
 
@@ -273,6 +278,7 @@ def attach(daemon) -> SnapshotService | None:
         return None
     service = SnapshotService(daemon, settings)
     daemon.learner = HeldOutRouter(daemon.learner, service.heldout)
+    daemon.add_state_part("heldout", service.heldout.state_dict, service.restore_heldout)
     daemon.add_learner_hook(service.on_step)
     daemon.add_idle_hook(lambda learner, samples: service.on_step(learner, samples, False))
     daemon.register_op("snapshot.info", service.op_info, long_poll=True)

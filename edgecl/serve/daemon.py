@@ -41,9 +41,11 @@ import numpy as np
 import zmq
 
 from edgecl import __version__
-from edgecl.config import Config
+from edgecl.config import Config, resolve_state_dir
 from edgecl.errors import UserError
 from edgecl.security import server_curve
+from edgecl.serve.checkpoints import StateKeeper
+from edgecl.serve.journal import Journal, StorageError
 from edgecl.serve.queue import Batch, IngestQueue, SeenSequences
 from edgecl.wire import (PROTOCOL_VERSION, ErrorCode, InputSpec, WireError, decode_push,
                          error_reply, ok_reply, pack, unpack_header)
@@ -76,7 +78,7 @@ class Daemon:
         config.check()
         self.config = config
         self.curve = server_curve(config.serve)  # key files checked before anything starts
-        self.state_dir = Path(config.serve.state_dir)
+        self.state_dir = Path(resolve_state_dir(config.serve.state_dir))
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -132,8 +134,17 @@ class Daemon:
         self._learner_thread: threading.Thread | None = None
         self.exit_code: int | None = None
         self._bound = threading.Event()
+        # Durability (docs/durability.md): the newest checkpoint and the journal after it
+        # restore the learner, counters, offsets and dedup record before anything serves.
+        journal = config.journal
+        self.journal = Journal(self.state_dir / "journal", journal.fsync,
+                               journal.fsync_interval_ms, journal.segment_bytes)
+        self.keeper = StateKeeper(self, self.journal, config.checkpoints.every_steps,
+                                  config.checkpoints.every_s)
+        self.keeper.restore()
         for name in ATTACHMENTS:
             importlib.import_module(name).attach(self)
+        self.keeper.restore_parts()
 
     def _learner_config(self):
         """The configured LearnerConfig; unless `learner.threads` is set, torch gets all cores
@@ -167,6 +178,12 @@ class Daemon:
         """`hook(learner, samples_learned)` runs in the learner thread whenever it waited
         `stats_interval_s` and found nothing to learn (time-based work while the stream is idle)."""
         self._idle_hooks.append(hook)
+
+    def add_state_part(self, name: str, get_state: Callable[[], Any],
+                       set_state: Callable[[Any], None]) -> None:
+        """Keep `get_state()` in every checkpoint (called in the learner thread) and hand it
+        to `set_state` at the next start, after every feature has attached."""
+        self.keeper.add_part(name, get_state, set_state)
 
     def announce(self, topic: str, payload: dict) -> None:
         """Publish `payload` under `topic` on the PUB socket; safe from any thread."""
@@ -329,7 +346,9 @@ class Daemon:
                 if requests >= 2 and not self.queue.abandoned:
                     left = self.queue.abandon()
                     if left:
-                        log.warning("stopping now: %d acked samples were not learned", left)
+                        log.warning("stopping now: %d acked samples were not learned; they "
+                                    "stay in the journal and are learned at the next start",
+                                    left)
                         self.exit_code = 1
                 if draining_since is not None and not self._learner_thread.is_alive():
                     break
@@ -365,6 +384,7 @@ class Daemon:
             self.curve.stop()
         if self._ctx is not None:
             self._ctx.term()
+        self.keeper.close()
 
     def _handle(self, frames: list) -> None:
         """Answer one request with exactly one reply, whatever it contains."""
@@ -496,7 +516,11 @@ class Daemon:
         """
         if not self.queue.has_room(batch.nbytes):
             return False
-        # journal.append(batch) belongs here (durability issue).
+        try:
+            self.journal.append(batch)
+        except StorageError as exc:
+            raise WireError(ErrorCode.STORAGE, f"{exc}; nothing was accepted. The daemon still "
+                                               "answers status; retry once the disk is fixed")
         return self.queue.try_put(batch)
 
     def _check_classes(self, labels: list) -> set:
@@ -586,21 +610,28 @@ class Daemon:
     def _learn_until_drained(self) -> None:
         interval = self.config.serve.stats_interval_s
         last_published = 0.0
+        self.keeper.replay(self._learn, self.config.serve.learn_batch,
+                           stopped=lambda: self.queue.abandoned)
         while True:
             batches = self.queue.take(self.config.serve.learn_batch, timeout=interval)
             if batches is None:
                 break
             if batches:
                 self._learn(batches)
+                self.keeper.learned(batches)
+                self.queue.done(batches)
+                self.keeper.maybe_save()
             else:
                 for hook in self._idle_hooks:
                     self._run_idle_hook(hook)
+                self.keeper.maybe_save()
             now = time.monotonic()
             if now - last_published >= interval:
                 self._publish_stats()
                 last_published = now
         for hook in self._learner_hooks:
             self._run_hook(hook, final=True)
+        self.keeper.save()
         self._publish_stats()
 
     def _learn(self, batches: list[Batch]) -> None:
@@ -628,7 +659,6 @@ class Daemon:
                 self.samples_failed += failed
             for hook in self._learner_hooks:
                 self._run_hook(hook, final=False)
-        self.queue.done(batches)
 
     def _run_hook(self, hook: LearnerHook, final: bool) -> None:
         try:

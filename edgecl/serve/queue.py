@@ -154,3 +154,14 @@ class SeenSequences:
 
     def __len__(self) -> int:
         return len(self._by_sensor)
+
+    def state_dict(self) -> dict:
+        """Plain lists, oldest first, for checkpoints (edgecl/serve/checkpoints.py)."""
+        return {"sensors": [[sensor, [[seq, first, n] for seq, (first, n) in seqs.items()]]
+                            for sensor, seqs in self._by_sensor.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._by_sensor.clear()
+        for sensor, seqs in state["sensors"]:
+            for seq, first, n in seqs:
+                self.record(sensor, seq, first, n)
