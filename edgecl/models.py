@@ -6,8 +6,10 @@ the graph, so an exported model carries its own preprocessing. Every model ends 
 """
 from __future__ import annotations
 
+import copy
 import math
 from functools import partial
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -77,20 +79,29 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+EMBEDDING = "embedding"  # the tap every model has: the flat body output the head reads
+
+
 class EdgeNet(nn.Module):
     """normalize -> body (feature extractor to a flat embedding) -> dropout -> growing head.
 
-    `forward(x, features=True)` also returns the embedding, which distillation terms use.
+    Named taps give distillation terms intermediate features through one mechanism:
+    `forward(x, taps=("stage2", "embedding"))` returns `(logits, {name: tensor})`. Every
+    model has the same tap names (`tap_names()`): `stage1` < `stage2` < `stage3` feature maps
+    of increasing depth (the last is the map just before pooling) and `embedding`, so a term
+    can ask the student, the anchor and the teacher for the same names. Taps are forward
+    hooks attached only for that call: `forward(x)` without taps runs no hook at all.
     """
 
     def __init__(self, body: nn.Module, embed_dim: int, num_classes: int, in_channels: int,
-                 dropout: float = 0.0, arch: str = ""):
+                 dropout: float = 0.0, arch: str = "", tap_points: dict[str, str] | None = None):
         super().__init__()
         self.arch = arch
         self.normalize = Normalize(in_channels)
         self.body = body
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = GrowingLinear(embed_dim, num_classes)
+        self.tap_points = dict(tap_points or {})  # tap name -> submodule whose output it is
 
     @property
     def num_classes(self) -> int:
@@ -99,10 +110,52 @@ class EdgeNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.normalize(x))
 
-    def forward(self, x: torch.Tensor, features: bool = False):
-        h = self.embed(x)
-        logits = self.head(self.dropout(h))
-        return (logits, h) if features else logits
+    def tap_names(self) -> list[str]:
+        return [*self.tap_points, EMBEDDING]
+
+    def forward(self, x: torch.Tensor, taps: Sequence[str] = ()):
+        if not taps:
+            return self.head(self.dropout(self.embed(x)))
+        unknown = [t for t in taps if t != EMBEDDING and t not in self.tap_points]
+        if unknown:
+            raise ValueError(f"{self.arch}: unknown tap(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(self.tap_names())}")
+        maps: dict[str, torch.Tensor] = {}
+        hooks = [self.get_submodule(self.tap_points[name]).register_forward_hook(
+                     partial(_keep_output, maps, name))
+                 for name in taps if name != EMBEDDING]
+        try:
+            h = self.embed(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if EMBEDDING in taps:
+            maps[EMBEDDING] = h
+        return self.head(self.dropout(h)), maps
+
+
+def _keep_output(store: dict, name: str, _module, _inputs, output) -> None:
+    store[name] = output
+
+
+def frozen_copy(model: EdgeNet, num_classes: int | None = None) -> EdgeNet:
+    """A frozen twin for distillation (the anchor): no gradients, dropout off, and BatchNorm
+    normalizing with the batch's own statistics without updating its running ones. So at
+    the moment it is taken its features equal the training student's on the same batch,
+    and a distillation loss measures only how far the weights moved since. `num_classes`
+    narrows the head (a restored anchor is narrower than the student that grew since)."""
+    twin = copy.deepcopy(model)
+    if num_classes is not None:
+        twin.head.weight = nn.Parameter(twin.head.weight.detach()[:num_classes].clone())
+        twin.head.bias = nn.Parameter(twin.head.bias.detach()[:num_classes].clone())
+    twin.eval()
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    for m in twin.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+            m.track_running_stats = False  # batch statistics, running ones left untouched
+    return twin
 
 
 def stride_schedule(image_size: int, min_final_map: int = MIN_FINAL_MAP,
@@ -136,15 +189,21 @@ def build_student(num_classes: int, in_channels: int = 3, image_size: int = 144,
         in_channels, MBV2_TINY_STEM, kernel_size=3, stride=stem_stride, norm_layer=norm,
         activation_layer=nn.ReLU6)]
     channels = MBV2_TINY_STEM
+    stage_ends = []
     for (t, c, n, _), s in zip(MBV2_TINY_SETTING, stage_strides):
         for i in range(n):
             layers.append(InvertedResidual(channels, c, s if i == 0 else 1, t, norm_layer=norm))
             channels = c
+        stage_ends.append(len(layers) - 1)
     layers.append(Conv2dNormActivation(channels, MBV2_TINY_MIX, kernel_size=1, norm_layer=norm,
                                        activation_layer=nn.ReLU6))
     body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
     _init_like_torchvision(body)
-    net = EdgeNet(body, MBV2_TINY_MIX, num_classes, in_channels, dropout, arch="mbv2-tiny")
+    # taps: ends of the 16- and 32-channel stages, and the 448-channel map before pooling
+    taps = {"stage1": f"body.{stage_ends[2]}", "stage2": f"body.{stage_ends[4]}",
+            "stage3": f"body.{len(layers) - 1}"}
+    net = EdgeNet(body, MBV2_TINY_MIX, num_classes, in_channels, dropout, arch="mbv2-tiny",
+                  tap_points=taps)
     nn.init.normal_(net.head.weight, 0, 0.01)
     nn.init.zeros_(net.head.bias)
     return net
@@ -171,7 +230,9 @@ def build_teacher(num_classes: int, in_channels: int = 3, image_size: int = 144,
     ResNet-18/34/50 for large ones. `name` picks one explicitly."""
     name = name or default_teacher(image_size)
     if name in SMALL_TEACHERS:
-        body, dim = _cifar_resnet(SMALL_TEACHERS[name], in_channels), 64
+        blocks = SMALL_TEACHERS[name]
+        body, dim = _cifar_resnet(blocks, in_channels), 64
+        taps = {f"stage{k}": f"body.{2 + k * blocks}" for k in (1, 2, 3)}  # after stem (3)
     elif name in LARGE_TEACHERS:
         tv = LARGE_TEACHERS[name](weights=None)
         if in_channels != 3:
@@ -180,9 +241,10 @@ def build_teacher(num_classes: int, in_channels: int = 3, image_size: int = 144,
         dim = tv.fc.in_features
         tv.fc = nn.Identity()
         body = tv
+        taps = {"stage1": "body.layer2", "stage2": "body.layer3", "stage3": "body.layer4"}
     else:
         raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
-    return EdgeNet(body, dim, num_classes, in_channels, 0.0, arch=name)
+    return EdgeNet(body, dim, num_classes, in_channels, 0.0, arch=name, tap_points=taps)
 
 
 def _cifar_resnet(blocks_per_stage: int, in_channels: int) -> nn.Sequential:
@@ -207,6 +269,11 @@ def _cifar_resnet(blocks_per_stage: int, in_channels: int) -> nn.Sequential:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers: what one more copy of it holds."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:

@@ -21,7 +21,8 @@ from edgecl.data import as_sample_array
 from edgecl.learn.buffer import ReservoirBuffer
 from edgecl.learn.metrics import PrequentialAccuracy
 from edgecl.learn.terms import TERMS, Step, Term
-from edgecl.models import EdgeNet, TEACHERS, build_student, build_teacher
+from edgecl.models import (EdgeNet, TEACHERS, build_student, build_teacher, frozen_copy,
+                           model_bytes)
 
 AUGMENTS = ("shift", "shift+flip", "none")
 
@@ -81,6 +82,13 @@ class LearnerConfig:
         if "kd" in names and self.teacher == "none":
             raise ValueError("method uses 'kd' but teacher is 'none': set teacher to "
                              "'online' or 'frozen:PATH'")
+        for name in names:  # distillation terms that take `source`: the anchor or the teacher
+            source = self.terms.get(name, {}).get("source", TERMS[name].defaults.get("source"))
+            if source not in (None, "anchor", "teacher"):
+                raise ValueError(f"{name}.source must be 'anchor' or 'teacher', not {source!r}")
+            if source == "teacher" and self.teacher == "none":
+                raise ValueError(f"{name} distills from the teacher but teacher is 'none': set "
+                                 "teacher to 'online' or 'frozen:PATH', or source to 'anchor'")
         if self.stride_relax not in ("late", "early"):
             raise ValueError("stride_relax must be 'late' or 'early'")
         if not 0.0 < self.bn_momentum <= 1.0:
@@ -116,6 +124,12 @@ class OnlineLearner:
         self.buffer = ReservoirBuffer(config.buffer_size, self.rng)
         self.terms: list[Term] = [TERMS[name](self, **config.terms.get(name, {}))
                                   for name in config.term_names()]
+        # what the terms read beyond logits, gathered once: the default path asks for nothing
+        self.student_taps = _union(t.taps for t in self.terms)
+        self.anchor_taps = _union(t.taps for t in self.terms if t.needs_anchor)
+        self.teacher_taps = _union(t.teacher_taps for t in self.terms)
+        self.needs_anchor = any(t.needs_anchor for t in self.terms)
+        self.anchor: EdgeNet | None = None  # frozen student of the last consolidation point
         self.prequential = PrequentialAccuracy(config.prequential_window)
         self.steps = 0
         self.samples_learned = 0
@@ -171,7 +185,8 @@ class OnlineLearner:
             "buffer_fill": len(self.buffer),
             "buffer_capacity": self.buffer.capacity,
             "buffer_bytes": self.buffer.nbytes(),
-            "terms_bytes": sum(t.extra_bytes() for t in self.terms),
+            "terms_bytes": sum(t.extra_bytes() for t in self.terms) + self.anchor_bytes(),
+            "anchor_bytes": self.anchor_bytes(),
             "steps_per_s": 1.0 / step_time if step_time else 0.0,
             "last_loss": self.last_loss,
         }
@@ -219,7 +234,13 @@ class OnlineLearner:
         return out
 
     # ------------------------------------------------------------------ models
+    def anchor_bytes(self) -> int:
+        """Memory of the anchor model (shared by every term that reads it)."""
+        return 0 if self.anchor is None else model_bytes(self.anchor)
+
     def _consolidate(self) -> None:
+        if self.needs_anchor:  # taken before the head grows: it knows the old classes only
+            self.anchor = frozen_copy(self.student)
         for term in self.terms:
             term.consolidate()
         self.last_consolidation = self.steps
@@ -299,8 +320,17 @@ class OnlineLearner:
         step.seal()
         if self.teacher is not None:
             step.teacher_logits = self._teacher_logits(step)
+        if self.anchor is not None:
+            with torch.no_grad():
+                if self.anchor_taps:
+                    step.anchor_logits, step.anchor_features = self.anchor(step.x, self.anchor_taps)
+                else:
+                    step.anchor_logits = self.anchor(step.x)
         self.student.train()
-        step.logits = self.student(step.x)
+        if self.student_taps:
+            step.logits, step.features = self.student(step.x, self.student_taps)
+        else:
+            step.logits = self.student(step.x)
         loss = F.cross_entropy(step.logits_of("stream"), step.labels_of("stream"))
         for term in self.terms:
             extra = term.loss(step)
@@ -323,22 +353,29 @@ class OnlineLearner:
             self._consolidate()
         return value
 
+    def _teacher_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Teacher logits; with the taps some term asked for, kept detached in the step."""
+        if not self.teacher_taps:
+            return self.teacher(x), {}
+        return self.teacher(x, self.teacher_taps)
+
     def _teacher_logits(self, step: Step) -> torch.Tensor:
         """Online: the teacher takes its own step on the same batch and replay, and its
         pre-step logits are the soft targets. Frozen: a no-grad forward, columns mapped to
         the student's label order (classes the teacher never saw get no target)."""
         if self.teacher_optimizer is not None:
             self.teacher.train()
-            logits = self.teacher(step.x)
+            logits, maps = self._teacher_forward(step.x)
+            step.teacher_features = {k: v.detach() for k, v in maps.items()}
             loss = F.cross_entropy(logits, step.y)
             self.teacher_optimizer.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
                 loss.backward()
                 self.teacher_optimizer.step()
             return logits.detach()
-        with torch.inference_mode():
+        with torch.no_grad():
             self.teacher.eval()
-            logits = self.teacher(step.x)
+            logits, step.teacher_features = self._teacher_forward(step.x)
         cols = [self.teacher_labels.index(label) if label in self.teacher_labels else -1
                 for label in self.labels]
         if any(c < 0 for c in cols):
@@ -384,6 +421,7 @@ class OnlineLearner:
             "teacher_optimizer": (None if self.teacher_optimizer is None
                                   else self.teacher_optimizer.state_dict()),
             "teacher_labels": self.teacher_labels,
+            "anchor": None if self.anchor is None else self.anchor.state_dict(),
             "buffer": self.buffer.state_dict(),
             "terms": {t.name: t.state_dict() for t in self.terms},
             "prequential": self.prequential.state_dict(),
@@ -412,6 +450,11 @@ class OnlineLearner:
                 if self.teacher_optimizer is not None:
                     self.teacher_optimizer.load_state_dict(state["teacher_optimizer"])
         self.teacher_labels = state["teacher_labels"]
+        anchor = state.get("anchor")
+        self.anchor = None
+        if anchor is not None and self.student is not None:
+            self.anchor = frozen_copy(self.student, num_classes=anchor["head.weight"].shape[0])
+            self.anchor.load_state_dict(anchor)
         self.buffer.load_state_dict(state["buffer"])
         for term in self.terms:
             term.load_state_dict(state["terms"][term.name])
@@ -423,6 +466,11 @@ class OnlineLearner:
         self.last_consolidation = counters["last_consolidation"]
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
+
+
+def _union(groups) -> tuple[str, ...]:
+    """Names from several tuples, each once, in first-seen order."""
+    return tuple(dict.fromkeys(name for group in groups for name in group))
 
 
 def _grow_head(model: EdgeNet, optimizer: torch.optim.Optimizer, new_n: int) -> None:

@@ -1,0 +1,37 @@
+"""Exemplar relation graph distillation (Dong et al. 2021, few-shot class-incremental)."""
+from __future__ import annotations
+
+from edgecl.learn.terms.base import Step
+from edgecl.learn.terms.distill import DistillTerm, flat
+from edgecl.learn.terms.rkd import angle_relation
+
+
+class ERG(DistillTerm):
+    """ERG: `weight * mean_{p,q,z} |A_anchor(p,q,z) - A(p,q,z)|^p` over a reservoir draw
+    of `draw` exemplars, with `A(p,q,z) = <e_pq, e_zq>` the angle relation of their `tap`
+    features (default the embedding), computed with the anchor and with the current model.
+    p = 1 (default) is the L1 norm of the difference divided by the number of triplets.
+
+    The graph's vertices are the buffer's exemplars: the paper builds it from the old
+    classes' exemplars when a session ends and preserves it while the next session is
+    learned. Here the anchor is taken at each consolidation point (a new class arrives, or
+    every `consolidate_every` steps) and the graph is rebuilt each step on a fresh draw, so
+    every exemplar's relations are kept in expectation.
+    """
+
+    name = "erg"
+    describe = "exemplar relation graph: keep the triplet angles among buffer exemplars"
+    defaults = {"weight": 1.0, "draw": 10, "p": 1, "tap": "embedding"}
+    tap_params = ("tap",)
+
+    def prepare(self, step: Step, rng) -> None:
+        if self.learner.anchor is not None:
+            self.learner.draw_replay(step, "erg", self.draw)
+
+    def loss(self, step: Step):
+        ref = self.reference(step)
+        if ref is None or not step.has("erg") or len(step.labels_of("erg")) < 3:
+            return None
+        current = angle_relation(flat(step.rows_of("erg", step.features[self.tap])))
+        anchor = angle_relation(flat(step.rows_of("erg", ref[1][self.tap])))
+        return self.weight * (anchor - current).abs().pow(self.p).mean()
