@@ -1,10 +1,10 @@
 """Named taps on every model, and the anchor the learner keeps for distillation terms."""
-import numpy as np
 import pytest
 import torch
 
 from edgecl.learn import LearnerConfig, OnlineLearner
 from edgecl.models import EdgeNet, build_student, build_teacher, frozen_copy
+from stream_helpers import learn_in_batches as _learn, template_stream as _stream
 
 TAPS = ["stage1", "stage2", "stage3", "embedding"]
 
@@ -54,22 +54,6 @@ def test_frozen_copy_matches_the_training_student_and_stays_frozen():
         torch.testing.assert_close(twin_maps[t], student_maps[t])
     for k, v in twin.state_dict().items():  # running statistics untouched
         torch.testing.assert_close(v, before[k])
-
-
-def _stream(classes, per_class=8, size=12, seed=0):
-    rng = np.random.default_rng(seed)
-    templates = {c: rng.integers(0, 256, (1, size, size)) for c in range(10)}
-    xs, ys = [], []
-    for c in classes:
-        noise = rng.integers(-40, 40, (per_class, 1, size, size))
-        xs.append(np.clip(templates[c] + noise, 0, 255).astype(np.uint8))
-        ys += [c] * per_class
-    return np.concatenate(xs), ys
-
-
-def _learn(learner, x, y, batch=8):
-    for i in range(0, len(x), batch):
-        learner.learn_many(x[i:i + batch], y[i:i + batch])
 
 
 def test_default_method_takes_no_taps_and_no_anchor(monkeypatch):

@@ -3,7 +3,6 @@ import copy
 import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +14,12 @@ from edgecl.learn.terms.lwf import LwF, lwf_old_loss
 from edgecl.learn.terms.pod import pod_flat, pod_scale, pod_spatial
 from edgecl.learn.terms.rkd import angle_relation, rkd_angle, rkd_distance
 from edgecl.learn.terms.subspace import subspace_distance, subspace_loss, top_subspace
+from stream_helpers import learn_in_batches as _learn, template_stream
+
+
+def _stream(classes, per_class=8, seed=0):
+    return template_stream(classes, per_class, size=8, seed=seed, shuffle=True)
+
 
 DISTILL = ["lwf", "hints", "attention", "rkd", "pod", "subspace", "erg"]
 
@@ -144,7 +149,7 @@ def test_lwf_balanced_lambda_is_the_old_class_share():
     step.add("stream", torch.zeros(2, 1), torch.tensor([2, 3]))
     step.seal()
     step.logits = torch.tensor([[0.0, 1.0, 2.0, 0.0], [1.0, 0.0, 0.0, 3.0]])
-    step.anchor_logits = torch.tensor([[1.0, 0.0], [0.0, 0.5]])  # 1 old class of 4... 2 of 4
+    step.anchor_logits = torch.tensor([[1.0, 0.0], [0.0, 0.5]])  # the anchor knew 2 of 4
     old = lwf_old_loss(step.logits, step.anchor_logits, 2.0).item()
     new = F.cross_entropy(step.logits, step.y).item()
     plain = LwF(_Learner(), weight=3.0)
@@ -181,28 +186,10 @@ def test_erg_angle_difference_hand_computed():
 
 
 # ------------------------------------------------------ inside a real learner
-def _stream(classes, per_class=8, size=8, seed=0):
-    rng = np.random.default_rng(seed)
-    templates = {c: rng.integers(0, 256, (1, size, size)) for c in range(10)}
-    xs, ys = [], []
-    for c in classes:
-        noise = rng.integers(-40, 40, (per_class, 1, size, size))
-        xs.append(np.clip(templates[c] + noise, 0, 255).astype(np.uint8))
-        ys += [c] * per_class
-    x, y = np.concatenate(xs), np.array(ys)
-    order = rng.permutation(len(y))  # the pair's two classes interleaved
-    return x[order], y[order].tolist()
-
-
 def _learner(name, **terms):
     buffer = 24 if name in ("subspace", "erg") else 0  # these two distill buffer exemplars
     return OnlineLearner(LearnerConfig(method=name, buffer_size=buffer, consolidate_min_gap=2,
                                        momentum=0.9, terms={name: terms} if terms else {}))
-
-
-def _learn(learner, x, y, batch=8):
-    for i in range(0, len(y), batch):
-        learner.learn_many(x[i:i + batch], y[i:i + batch])
 
 
 def _term_losses(learner, name):
