@@ -249,6 +249,7 @@ class StateKeeper:
             self._learn_group(learn, group)
         log.info("replayed %d journaled samples in %.1f s", self.status["replayed_samples"],
                  time.monotonic() - started)
+        self._publish()
         if self.covered < self.replay_end:
             log.error("the journal ends at offset %d, before the %d acked before the restart: "
                       "%d acked samples are missing (damaged journal)", self.covered,

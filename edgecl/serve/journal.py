@@ -80,7 +80,10 @@ def encode(batch: Batch) -> bytes:
 
 def decode(body: bytes) -> Batch:
     record = msgpack.unpackb(body, raw=False, strict_map_key=False)
-    x = np.frombuffer(record["x"], dtype=DTYPES[record["dtype"]]).reshape(record["shape"])
+    # A writable copy: the learner turns inputs into tensors, which must not alias read-only
+    # bytes.
+    x = np.frombuffer(bytearray(record["x"]), dtype=DTYPES[record["dtype"]]) \
+        .reshape(record["shape"])
     return Batch(record["sensor"], int(record["seq"]), x, list(record["labels"]),
                  first=int(record["first"]))
 

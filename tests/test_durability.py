@@ -1,0 +1,169 @@
+"""The daemon across restarts and crashes: nothing acked is lost, nothing is learned twice.
+
+In-process daemons for restart continuity and disk errors; real `python -m edgecl serve`
+processes killed with SIGKILL for the crash test (benchmarks/crash.py, fewer rounds).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgecl.client import SensorClient, get_status
+from edgecl.errors import UserError
+from edgecl.serve import journal as journal_mod
+from edgecl.serve.daemon import Daemon
+from edgecl.serve.journal import Journal
+from edgecl.serve.queue import Batch
+from edgecl.wire import ErrorCode
+from test_daemon import DIGITS, LABELS, make_config, push_frames, raw_request, wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import crash  # noqa: E402
+
+
+def durable_config(tmp_path, **checkpoints):
+    config = make_config(tmp_path, learn_batch=10)
+    config.snapshots.every_samples = 0     # the held-out slice, no exports
+    config.snapshots.heldout_every = 5
+    for key, value in checkpoints.items():
+        setattr(config.checkpoints, key, value)
+    return config
+
+
+def drained(daemon):
+    return wait_for(lambda: (s := daemon.status())["queue_depth"] == 0 and s)
+
+
+def replayed(daemon, samples: int) -> dict:
+    """Status once the journal replay at start has learned `samples`."""
+    return wait_for(lambda: (s := daemon.status())["checkpoint"]["replayed_samples"] == samples
+                    and s)
+
+
+def stop(daemon) -> None:
+    daemon.stop()
+    assert daemon.join(60) == 0
+
+
+def test_restart_continues_offsets_labels_dedup_counters_and_held_out(tmp_path, run_daemons):
+    first = run_daemons(durable_config(tmp_path))
+    labels = [str(v) if v == 2 else v for v in LABELS[:60]]   # ints and a str label
+    with SensorClient(first.address, sensor="cam", first_seq=1) as client:
+        for start in range(0, 60, 20):
+            client.push(DIGITS[start:start + 20], labels[start:start + 20])
+    before = drained(first)
+    stop(first)
+
+    second = run_daemons(durable_config(tmp_path))
+    after = second.status()
+    assert after["checkpoint"]["restored_from"] == f"{60:020d}.ckpt"
+    for key in ("samples_received", "samples_learned", "batches_received"):
+        assert after[key] == before[key], key
+    assert second.snapshots.heldout.state_dict()["counts"] == \
+        first.snapshots.heldout.state_dict()["counts"] and len(second.snapshots.heldout) > 0
+    assert second.learner.labels == first.learner.labels
+    assert second.learner.samples_learned == first.learner.samples_learned
+    retry = raw_request(second.address, *push_frames(DIGITS[20:40], labels[20:40],
+                                                     sensor="cam", seq=2))
+    assert retry["duplicate"] is True and retry["range"] == [20, 40]
+    fresh = raw_request(second.address, *push_frames(DIGITS[:5], [0] * 5, sensor="cam", seq=9))
+    assert fresh["range"] == [60, 65] and "duplicate" not in fresh
+    assert drained(second)["samples_learned"] == 65
+
+
+def test_a_journaled_push_never_acked_is_learned_once_and_its_retry_is_a_duplicate(
+        tmp_path, run_daemons):
+    # As if the daemon died right after the journal write, before it could ack or learn.
+    journal = Journal(tmp_path / "state" / "journal")
+    journal.open()
+    journal.append(Batch("cam", 7, DIGITS[:12], LABELS[:12], first=0))
+    journal.close()
+    daemon = run_daemons(durable_config(tmp_path))
+    assert replayed(daemon, 12)["samples_learned"] == 12
+    retry = raw_request(daemon.address, *push_frames(DIGITS[:12], LABELS[:12], sensor="cam",
+                                                     seq=7))
+    assert retry["ok"] and retry["duplicate"] is True and retry["range"] == [0, 12]
+    status = drained(daemon)
+    assert status["samples_learned"] == status["samples_received"] == 12
+
+
+def test_samples_learned_after_the_last_checkpoint_are_relearned_exactly(tmp_path,
+                                                                          run_daemons):
+    first = run_daemons(durable_config(tmp_path, every_steps=2, every_s=0))
+    for seq in range(4):   # one push = one learner step of 10
+        assert raw_request(first.address, *push_frames(DIGITS[10 * seq:10 * seq + 10],
+                                                       LABELS[10 * seq:10 * seq + 10],
+                                                       sensor="cam", seq=seq))["ok"]
+        wait_for(lambda: first.samples_learned == 10 * seq + 10)
+    stop(first)
+    checkpoints = first.keeper.store.paths()
+    assert [int(p.stem) for p in checkpoints] == [20, 40]
+    checkpoints[-1].unlink()   # as if killed after learning 20..40, before checkpointing it
+
+    second = run_daemons(durable_config(tmp_path, every_steps=2, every_s=0))
+    status = replayed(second, 20)
+    assert status["checkpoint"]["restored_from"] == f"{20:020d}.ckpt"
+    assert status["samples_learned"] == 40 == second.learner.samples_learned + \
+        sum(second.snapshots.heldout.diverted.values())
+    for (name, a), b in zip(first.learner.student.state_dict().items(),
+                            second.learner.student.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_full_disk_refuses_pushes_with_storage_and_status_still_answers(tmp_path,
+                                                                          run_daemons,
+                                                                          monkeypatch):
+    daemon = run_daemons(durable_config(tmp_path))
+    assert raw_request(daemon.address, *push_frames(DIGITS[:4], LABELS[:4], seq=1))["ok"]
+
+    def disk_full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(journal_mod.os, "write", disk_full)
+    reply = raw_request(daemon.address, *push_frames(DIGITS[:4], LABELS[:4], seq=2))
+    assert not reply["ok"] and reply["error"] == ErrorCode.STORAGE
+    assert "No space left on device" in reply["message"] and "\n" not in reply["message"]
+    status = get_status(daemon.address)
+    assert status["refused"][ErrorCode.STORAGE] == 1 and status["samples_received"] == 4
+    monkeypatch.undo()
+    assert raw_request(daemon.address, *push_frames(DIGITS[:4], LABELS[:4], seq=2))["ok"]
+    assert drained(daemon)["samples_learned"] == 8
+
+
+def test_an_unusable_state_dir_is_a_one_line_error(tmp_path):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "journal").write_text("a file where the journal directory goes")
+    with pytest.raises(UserError, match="cannot use the journal") as caught:
+        Daemon(durable_config(tmp_path))
+    assert "\n" not in str(caught.value)
+
+
+def test_one_daemon_per_state_dir(tmp_path, run_daemons):
+    run_daemons(durable_config(tmp_path))
+    with pytest.raises(UserError, match="another edgecl daemon is using"):
+        Daemon(durable_config(tmp_path))
+
+
+def test_state_directory_from_systemd_when_none_is_configured(tmp_path, monkeypatch):
+    config = durable_config(tmp_path)
+    config.serve.state_dir = ""
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path / 'systemd'}:{tmp_path / 'other'}")
+    daemon = Daemon(config)
+    assert daemon.state_dir == tmp_path / "systemd"
+    assert (tmp_path / "systemd" / "journal").is_dir()
+    daemon.keeper.close()
+
+
+def test_sigkill_at_random_moments_loses_nothing_and_learns_nothing_twice(tmp_path):
+    result = crash.crash_run(tmp_path / "state", rounds=5, samples=2000, seed=1,
+                             max_delay_s=2.0, say=lambda line: None)
+    assert result["starts"] == 6 and len(result["kill_delays_s"]) == 5
+    assert result["learner_samples"] + result["held_out"] == 2000
+    versions = result["snapshot_versions"]
+    assert versions == sorted(set(versions)) and len(versions) == 6
