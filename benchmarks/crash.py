@@ -97,7 +97,8 @@ class DaemonProcess:
         self.starts += 1
 
     def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
     def stop(self, timeout: float = 60) -> int:
@@ -143,8 +144,22 @@ def crash_run(state_dir: Path, rounds: int = 6, samples: int = 2000, seed: int =
                            state_dir.parent / "daemon.log")
     started = time.monotonic()
     daemon.start()
-    client = SensorClient(daemon.address, sensor="crash-sensor", timeout=0.5,
-                          retries=10**9, first_seq=1)
+    try:
+        return _crash_rounds(daemon, client_for(daemon), batches, data, labels, rounds, rng,
+                             max_delay_s, snapshot_every, state_dir, started, say)
+    finally:
+        daemon.kill()  # a no-op after a clean stop; never leave a daemon behind
+
+
+def client_for(daemon: DaemonProcess) -> SensorClient:
+    """One sensor, short timeout, never giving up: it resends across every restart."""
+    return SensorClient(daemon.address, sensor="crash-sensor", timeout=0.5, retries=10**9,
+                        first_seq=1)
+
+
+def _crash_rounds(daemon, client, batches, data, labels, rounds, rng, max_delay_s,
+                  snapshot_every, state_dir, started, say) -> dict:
+    samples = len(labels)
     kills: list[dict] = []
     shares = np.array_split(np.arange(len(batches)), rounds + 2)
 
@@ -203,7 +218,7 @@ def crash_run(state_dir: Path, rounds: int = 6, samples: int = 2000, seed: int =
         say(f"round {round_no + 1}/{rounds}: killed after {kills[-1]['delay_s']} s, "
             f"{acked} acked = {status['samples_learned']} learned, "
             f"{client.stats.duplicates} duplicate acks so far, restored {restored}, "
-            f"snapshot {kept[-1] if kept else None}")
+            f"snapshot versions kept {kept}, republished as {version}")
 
     if snapshot_every:  # an export after every restart, too
         versions.append(export_while_pushing(shares[-1], versions[-1]))
@@ -317,6 +332,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=20, help="SIGKILLs (default 20)")
     ap.add_argument("--samples", type=int, default=5000, help="samples pushed (default 5000)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--snapshot-every", type=int, default=300, metavar="N",
+                    help="also export a snapshot every N learned samples, so kills land "
+                         "mid-export too (default 300; 0: only the exports the test makes)")
     ap.add_argument("--throughput-samples", type=int, default=20_000,
                     help="samples pushed per fsync policy (default 20000)")
     ap.add_argument("--quick", action="store_true", help="6 rounds, 2000 samples, 5000 per "
@@ -324,10 +342,12 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.samples, args.throughput_samples = 6, 2000, 5000
+        args.snapshot_every = 0
     print(f"machine: {machine()}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     with tempfile.TemporaryDirectory(prefix="edgecl-crash-") as tmp:
-        result = crash_run(Path(tmp) / "state", args.rounds, args.samples, args.seed)
+        result = crash_run(Path(tmp) / "state", args.rounds, args.samples, args.seed,
+                           snapshot_every=args.snapshot_every)
     print(f"crash test: {result['rounds']} SIGKILLs, {result['samples']} samples in "
           f"{result['pushes']} pushes, {result['starts']} daemon starts, "
           f"{result['duplicate_acks']} duplicate acks, {result['resends']} resends, "

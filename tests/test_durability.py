@@ -167,3 +167,20 @@ def test_sigkill_at_random_moments_loses_nothing_and_learns_nothing_twice(tmp_pa
     assert result["learner_samples"] + result["held_out"] == 2000
     versions = result["snapshot_versions"]
     assert versions == sorted(set(versions)) and len(versions) == 6
+
+
+def test_journal_and_checkpoint_settings_are_checked():
+    from edgecl.config import Config, apply
+
+    config = Config()
+    apply(config, "journal", "fsync", "interval", "--fsync")
+    apply(config, "checkpoints", "every_steps", 10, "test")
+    config.check()
+    config.journal.fsync = "sometimes"
+    with pytest.raises(UserError, match="journal.fsync: 'sometimes' is not one of batch, "
+                                        "interval"):
+        config.check()
+    config.journal.fsync = "batch"
+    config.checkpoints.every_s = -1.0
+    with pytest.raises(UserError, match="checkpoints.every_s: must be >= 0"):
+        config.check()

@@ -19,6 +19,8 @@ log = logging.getLogger("edgecl.serve")
 INPUT_FLAGS = {"channels": "channels", "height": "height", "width": "width", "dtype": "dtype"}
 # Shortcuts for the learner keys people change most; any other is --set learner.KEY=VALUE.
 LEARNER_FLAGS = {"method": str, "buffer_size": int, "seed": int}
+# Defaults whose value needs words (an empty string means "look it up at start").
+DEFAULT_TEXT = {"state_dir": "$STATE_DIRECTORY if set, else ./state"}
 
 
 def register(subparsers) -> None:
@@ -35,7 +37,8 @@ def _register_serve(subparsers) -> None:
         description="Learn online from samples pushed over ZeroMQ. Settings come from defaults, "
                     "then --config, then --set, then the flags below. Stop with Ctrl-C or "
                     "SIGTERM: queued samples are learned before exit.")
-    p.add_argument("--config", metavar="TOML", help="settings file ([serve], [input], [learner])")
+    p.add_argument("--config", metavar="TOML", help="settings file ([serve], [input], [learner], "
+                                                    "[snapshots], [journal], [checkpoints])")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any setting, e.g. --set learner.lr=0.01 (repeatable)")
     hints = config_mod._field_types(config_mod.ServeConfig)
@@ -47,12 +50,16 @@ def _register_serve(subparsers) -> None:
         kind = _scalar(hints[f.name])
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"serve__{f.name}", type=kind,
                        default=None, metavar=f.name.upper(),
-                       help=f"serve.{f.name} (default {f.default})")
+                       help=f"serve.{f.name} (default {DEFAULT_TEXT.get(f.name, f.default)})")
     input_hints = config_mod._field_types(config_mod.InputConfig)
     for key, flag in INPUT_FLAGS.items():
         p.add_argument(f"--{flag}", dest=f"input__{key}", type=_scalar(input_hints[key]),
                        default=None, metavar=key.upper(),
                        help=f"input.{key} (default: from the first push)")
+    p.add_argument("--fsync", dest="journal__fsync", choices=("batch", "interval"), default=None,
+                   help="journal.fsync: 'batch' syncs the journal before every ack (default); "
+                        "'interval' every journal.fsync_interval_ms, faster, and a power cut "
+                        "can lose the acks of that window (docs/durability.md)")
     for key, kind in LEARNER_FLAGS.items():
         p.add_argument(f"--{key.replace('_', '-')}", dest=f"learner__{key}", type=kind,
                        default=None, metavar=key.upper(),
