@@ -23,8 +23,6 @@ slice counted (every sample the learner was offered) equal the samples acked.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import signal
 import socket
@@ -42,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgecl.client import Connection, SensorClient, get_status  # noqa: E402
+from ingest import machine  # noqa: E402  (benchmarks/: the same machine line everywhere)
 
 SHAPE = (1, 8, 8)           # small samples keep the learner fast; durability is not about size
 CLASSES = 4
@@ -313,28 +312,14 @@ def checkpoint_cost(repeats: int = 5) -> dict:
             "max_s": times[-1], "repeats": repeats}
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python "
-            f"{platform.python_version()}; load average at start {load}")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20, help="SIGKILLs (default 20)")
     ap.add_argument("--samples", type=int, default=5000, help="samples pushed (default 5000)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--snapshot-every", type=int, default=300, metavar="N",
+    ap.add_argument("--snapshot-every", type=int, default=100, metavar="N",
                     help="also export a snapshot every N learned samples, so kills land "
-                         "mid-export too (default 300; 0: only the exports the test makes)")
+                         "mid-export too (default 100; 0: only the exports the test makes)")
     ap.add_argument("--throughput-samples", type=int, default=20_000,
                     help="samples pushed per fsync policy (default 20000)")
     ap.add_argument("--quick", action="store_true", help="6 rounds, 2000 samples, 5000 per "

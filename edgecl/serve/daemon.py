@@ -12,8 +12,10 @@ Two threads, two owners:
   a lock) for `status` and /metrics to read.
 
 Extension points, for the snapshot and durability work:
-- `_commit()` is the single place a push becomes accepted; the ack is sent after it returns, so
-  a journal append placed there (before the queue put) makes every ack durable.
+- `_commit()` is the single place a push becomes accepted: it appends the push to the journal,
+  then queues it; the ack is sent after it returns (docs/durability.md).
+- `add_state_part(name, get_state, set_state)` keeps a feature's state (the held-out slice) in
+  every checkpoint and hands it back at the next start.
 - `add_learner_hook(fn)` runs `fn(learner, samples_learned, final)` in the learner thread after
   each step and once at shutdown: the place to copy weights for export or write a checkpoint.
   `add_idle_hook(fn)` runs `fn(learner, samples_learned)` there when a wait for work times out.
@@ -508,7 +510,8 @@ class Daemon:
                         credit=self._credit(batch.nbytes))
 
     def _commit(self, batch: Batch) -> bool:
-        """Make a push accepted, or return False (queue full) having accepted nothing.
+        """Make a push accepted, or return False (queue full) or raise `storage` (the journal
+        could not be written) having accepted nothing.
 
         The ack is sent only after this returns True. Durability goes here: check room, append
         the batch to the journal, then put it on the queue (room cannot vanish in between: only

@@ -249,16 +249,26 @@ class Journal:
             self.sync()
 
     def sync(self) -> None:
-        """fsync what was written since the last sync (the "interval" policy's thread)."""
+        """fsync what was written since the last sync (the "interval" policy's thread). The
+        sync runs on a duplicate descriptor outside the lock, so appends do not wait for it."""
         with self._lock:
             if not self._dirty or self._fd is None:
                 return
-            try:
-                os.fsync(self._fd)
-                self._dirty = False
-            except OSError as exc:
-                self._undo(exc)
-                self._close_fd(sync=False)
+            fd, path = os.dup(self._fd), self._path
+            self._dirty = False
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            # Acks already sent may not be on disk; all that can be done is say so, and start
+            # a fresh segment for what comes next.
+            with self._lock:
+                self.last_error = f"cannot sync the journal {path}: {exc.strerror or exc}"
+                log.error("%s; acks of the last %d ms may not survive a power cut",
+                          self.last_error, self.fsync_interval_s * 1000)
+                if self._path == path:
+                    self._close_fd(sync=False)
+        finally:
+            os.close(fd)
 
     def _close_fd(self, sync: bool = True) -> None:
         if self._fd is None:
