@@ -203,6 +203,8 @@ def test_cli_clients_take_their_keys(tmp_path, keys, run_daemons, capsys):
                      "--no-progress", "--sensor", "cli", *flags]) == 0
     assert cli_main(["status", "--from", daemon.address, "--json", *flags]) == 0
     assert '"curve": true' in capsys.readouterr().out
+    assert cli_main(["status", "--from", daemon.address, *flags]) == 0
+    assert "CURVE, 0 unlisted keys refused" in capsys.readouterr().out
     assert cli_main(["status", "--from", daemon.address, "--timeout", "0.3", "--retries", "0",
                      "--curve-key", str(keydir / "cam1.key_secret")]) == 2
     assert cli_main(["status", "--from", daemon.address, "--timeout", "0.3",
