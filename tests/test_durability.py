@@ -16,6 +16,7 @@ import torch
 from edgecl.client import SensorClient, get_status
 from edgecl.errors import UserError
 from edgecl.serve import journal as journal_mod
+from edgecl.serve.commands import format_status
 from edgecl.serve.daemon import Daemon
 from edgecl.serve.journal import Journal
 from edgecl.serve.queue import Batch
@@ -124,12 +125,14 @@ def test_a_full_disk_refuses_pushes_with_storage_and_status_still_answers(tmp_pa
     def disk_full(fd, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(journal_mod.os, "write", disk_full)
+    monkeypatch.setattr(journal_mod, "_write_all", disk_full)
     reply = raw_request(daemon.address, *push_frames(DIGITS[:4], LABELS[:4], seq=2))
     assert not reply["ok"] and reply["error"] == ErrorCode.STORAGE
     assert "No space left on device" in reply["message"] and "\n" not in reply["message"]
     status = get_status(daemon.address)
     assert status["refused"][ErrorCode.STORAGE] == 1 and status["samples_received"] == 4
+    assert "No space left on device" in status["journal"]["error"]
+    assert "storage error" in format_status(status)
     monkeypatch.undo()
     assert raw_request(daemon.address, *push_frames(DIGITS[:4], LABELS[:4], seq=2))["ok"]
     assert drained(daemon)["samples_learned"] == 8

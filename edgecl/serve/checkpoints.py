@@ -319,7 +319,7 @@ class StateKeeper:
         self._publish()
 
     def _publish(self) -> None:
-        self.daemon.update_status(checkpoint=dict(self.status), journal=self.journal.stats())
+        self.daemon.update_status(checkpoint=dict(self.status))
 
     def close(self) -> None:
         self.journal.close()

@@ -237,6 +237,16 @@ def format_status(status: dict, address: str = "") -> str:
         rows.insert(1, ("security", f"CURVE, {status.get('curve_refused', 0)} unlisted keys "
                                     "refused" if status["curve"] else
                                     "no CURVE: unencrypted, open to anyone who reaches the port"))
+    checkpoint, journal = status.get("checkpoint"), status.get("journal")
+    if checkpoint and journal:
+        rows.append(("durability", f"checkpoint covers {checkpoint['covered']} samples, journal "
+                                   f"{journal['segments']} segments "
+                                   f"{journal['bytes'] / 1024:.0f} KiB, fsync {journal['fsync']}"
+                     + (f", {checkpoint['replayed_samples']} replayed at start"
+                        if checkpoint.get("replayed_samples") else "")))
+        for error in (journal.get("error"), checkpoint.get("error")):
+            if error:
+                rows.append(("storage error", error))
     if status.get("learner_error"):
         rows.append(("last error", status["learner_error"]))
     refused_snapshot = status.get("snapshot_last_failure")

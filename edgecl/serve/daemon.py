@@ -733,4 +733,5 @@ class Daemon:
             "curve_refused": self.curve.refused if self.curve is not None else 0,
         }
         status.update(extra)
+        status["journal"] = self.journal.stats()
         return status

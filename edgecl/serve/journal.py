@@ -30,6 +30,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,7 @@ class Journal:
         self._syncer: threading.Thread | None = None
         self.last_error: str | None = None
         self.records_written = 0
+        self._listing, self._listed_at = (0, 0), float("-inf")
 
     # -- startup ----------------------------------------------------------------------------
 
@@ -324,13 +326,18 @@ class Journal:
         return removed
 
     def stats(self) -> dict:
-        sizes = []
-        for path in self.segments():
-            try:
-                sizes.append(path.stat().st_size)
-            except FileNotFoundError:  # removed behind a checkpoint meanwhile
-                pass
-        return {"fsync": self.fsync, "segments": len(sizes), "bytes": sum(sizes),
+        """For status (any thread, often): the error is live, the directory is listed at most
+        once a second."""
+        now = time.monotonic()
+        if now - self._listed_at > 1.0:
+            sizes = []
+            for path in self.segments():
+                try:
+                    sizes.append(path.stat().st_size)
+                except FileNotFoundError:  # removed behind a checkpoint meanwhile
+                    pass
+            self._listing, self._listed_at = (len(sizes), sum(sizes)), now
+        return {"fsync": self.fsync, "segments": self._listing[0], "bytes": self._listing[1],
                 "error": self.last_error}
 
 
