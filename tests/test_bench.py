@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from edgecl.bench import run_split_mnist, summarize
+from edgecl.bench import evaluate, format_table, run_split_mnist, summarize
 from edgecl.cli import main
 from edgecl.data import load_mnist5k, split_mnist
 from edgecl.learn.metrics import average_forgetting
@@ -42,6 +42,9 @@ def test_bench_run_reports_what_the_issue_asks(monkeypatch):
         assert key in r
     assert np.array(r["acc_matrix"]).shape == (2, 2)
     assert r["acc_matrix"][0][1] == 0.0  # nothing known of the second pair after the first
+    assert np.array(r["task_acc_matrix"]).shape == (2, 2)
+    # an argmax right over every class is right within the image's pair
+    assert r["final_task_acc"] >= r["final_acc"]
     s = summarize([r, {**r, "seed": 1, "final_acc": r["final_acc"] + 2}])
     assert s["final_avg_acc"] == pytest.approx(r["final_acc"] + 1)
 
@@ -52,6 +55,10 @@ def test_bench_run_reports_what_the_issue_asks(monkeypatch):
     (["--set", '{"colour": 1}'], "'colour'"),
     (["--seeds", "a"], "--seeds"),
     (["--method", "derpp+kd", "--teacher", "none"], "teacher is 'none'"),
+    (["--method", "derpp+ewcpp+si", "--set", '{"terms": {"si": {"lamda": 1}}}'],
+     "si: unknown parameter(s) lamda"),
+    (["--method", "derpp+si", "--set", '{"terms": {"si": {"lam": "big"}}}'], "si.lam"),
+    (["--jobs", "0"], "--jobs"),
 ])
 def test_bench_cli_errors_are_one_line(argv, message, capsys, monkeypatch):
     import edgecl.bench as bench
@@ -61,3 +68,55 @@ def test_bench_cli_errors_are_one_line(argv, message, capsys, monkeypatch):
     assert main(["bench", "split-mnist", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("edgecl: error:") and message in err[-1]
+
+
+class _FixedLogits:
+    """A learner stand-in whose student answers row i of `table` for an input holding i."""
+
+    def __init__(self, table, labels):
+        import torch
+
+        class Student(torch.nn.Module):
+            def forward(self, x):
+                return torch.tensor(table, dtype=torch.float32)[x.flatten().long()]
+
+        self.student = Student()
+        self.labels = labels
+        self.index = {label: i for i, label in enumerate(labels)}
+
+    def _to_tensor(self, raw):
+        import torch
+        return torch.from_numpy(raw).float()
+
+
+def test_task_il_masks_each_prediction_to_its_pair():
+    pairs = [(0, 1), (2, 3)]
+    table = [[2, 1, 5, 0],   # a 0: overall argmax 2 (wrong), within (0, 1) argmax 0 (right)
+             [0, 3, 1, 0],   # a 1: right both ways
+             [9, 0, 1, 0],   # a 2: overall 0 (wrong), within (2, 3) 2 (right)
+             [0, 0, 0, 1]]   # a 3: right both ways
+    learner = _FixedLogits(table, [0, 1, 2, 3])
+    x = np.arange(4).reshape(4, 1, 1, 1)
+    y, pair = np.array([0, 1, 2, 3]), np.array([0, 0, 1, 1])
+    assert evaluate(learner, x, y, pair, pairs) == (50.0, 100.0)
+
+
+def test_task_il_counts_unseen_classes_wrong():
+    learner = _FixedLogits([[1, 0, 0], [0, 0, 1]], [0, 1, 2])  # class 3 never seen
+    x = np.arange(2).reshape(2, 1, 1, 1)
+    # a 3 whose pair (2, 3) offers only class 2: wrong both ways; pair (4, 5): nothing seen
+    assert evaluate(learner, x, np.array([3, 5]), np.array([1, 2]),
+                    [(0, 1), (2, 3), (4, 5)]) == (0.0, 0.0)
+
+
+def test_table_has_task_il_beside_class_il_and_reads_old_results():
+    run = {"method": "si", "buffer": 0, "teacher": "none", "seed": 0, "final_acc": 19.5,
+           "final_task_acc": 97.25, "forgetting": 90.0, "samples_per_s": 80.0,
+           "prequential_acc": 80.0, "peak_rss_mb": 900.0, "buffer_bytes": 0,
+           "terms_bytes": 123}
+    old = {k: v for k, v in run.items() if k != "final_task_acc"}
+    table = format_table([summarize([run, {**run, "seed": 1, "final_task_acc": 98.75}]),
+                          summarize([old])], 800.0).splitlines()
+    assert "| Class-IL acc % | Task-IL acc % |" in table[0]
+    assert "| 19.5 ± 0.0 | 98.0 ± 1.1 |" in table[2]
+    assert "| 19.5 ± 0.0 | – |" in table[3]
