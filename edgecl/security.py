@@ -236,9 +236,11 @@ def register(subparsers) -> None:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     public, secret = keygen(args.directory, args.name, args.force)
-    role = ("daemon: `edgecl serve --curve-secret " + str(secret) + "`; give " + str(public)
-            + " to every client (--curve-server-key)") if args.name == SERVER_NAME else \
-        ("client: use --curve-key " + str(secret) + "; copy " + str(public)
-         + " into the daemon's --allow-clients directory")
-    print(f"wrote {public} (public) and {secret} (secret, keep private)\n{role}")
+    print(f"wrote {public} (public) and {secret} (secret, keep it private)")
+    if args.name == SERVER_NAME:
+        print(f"daemon: edgecl serve --curve-secret {secret} --allow-clients DIR; "
+              f"give {public} to every client (--curve-server-key)")
+    else:
+        print(f"client: --curve-key {secret}; copy {public} into the daemon's "
+              "--allow-clients directory")
     return 0
