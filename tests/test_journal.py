@@ -196,3 +196,22 @@ def test_unwritable_journal_directory_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_mod.os, "open", refuse)
     with pytest.raises(UserError, match="cannot use the journal .*Permission denied"):
         Journal(tmp_path / "journal").open()
+
+
+def test_a_record_that_passes_its_crc_but_does_not_decode_ends_the_segment(tmp_path, caplog):
+    import struct
+    import zlib
+
+    batches = make_batches(2)
+    written(tmp_path, batches[:1])
+    (segment,) = (tmp_path / "journal").glob("*.wal")
+    body = b"\x93\x01\x02\x03"          # valid msgpack, but a list, not a record
+    length = struct.pack("<I", len(body))
+    with open(segment, "ab") as fh:
+        fh.write(length + struct.pack("<I", zlib.crc32(body, zlib.crc32(length))) + body)
+    with caplog.at_level(logging.WARNING, "edgecl.journal"):
+        assert_same(list(Journal(tmp_path / "journal").records()), batches[:1])
+        reopened = Journal(tmp_path / "journal")
+        next_offset, records = reopened.open()
+    reopened.close()
+    assert "does not decode" in caplog.text and next_offset == 3 and len(records) == 1

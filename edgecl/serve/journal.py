@@ -89,6 +89,18 @@ def decode(body: bytes) -> Batch:
                  first=int(record["first"]))
 
 
+def decode_all(path: Path, bodies: list[bytes]) -> Iterator[Batch]:
+    """Decode records in order; one that passes its CRC but does not decode (written by
+    something else) ends the segment with a log line rather than a crash."""
+    for i, body in enumerate(bodies):
+        try:
+            yield decode(body)
+        except Exception as exc:
+            log.warning("journal %s: record %d does not decode (%s: %s); the rest of this "
+                        "segment is skipped", path.name, i, type(exc).__name__, exc)
+            return
+
+
 def _dtype_name(dtype: np.dtype) -> str:
     for name, known in DTYPES.items():
         if np.dtype(dtype) == known:
@@ -165,8 +177,7 @@ class Journal:
                                 "(an unacked push torn by a crash, or damage)", path.name,
                                 problem, path.stat().st_size - good)
                     self._cut(path, good)
-                for body in bodies:
-                    batch = decode(body)
+                for batch in decode_all(path, bodies):
                     next_offset = max(next_offset, batch.first + batch.n)
                     if batch.first >= covered:
                         records.append(RecordInfo(batch.sensor, batch.seq, batch.first,
@@ -303,8 +314,7 @@ class Journal:
             if problem is not None:
                 log.warning("journal %s: %s; the rest of this segment is skipped",
                             path.name, problem)
-            for body in bodies:
-                batch = decode(body)
+            for batch in decode_all(path, bodies):
                 if end is not None and batch.first >= end:
                     return
                 if batch.first >= start:
