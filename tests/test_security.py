@@ -152,7 +152,7 @@ def test_only_listed_clients_can_push_or_pull(tmp_path, keys, run_daemons):
                          timeout=STRANGER_TIMEOUT_S, retries=0).pull()
         with pytest.raises(DaemonUnavailable):
             get_status(address, timeout=STRANGER_TIMEOUT_S, retries=0, curve=curve)
-        assert time.monotonic() - started < 10 * STRANGER_TIMEOUT_S, f"{what}: hung"
+        assert time.monotonic() - started < 20 * STRANGER_TIMEOUT_S, f"{what}: hung"
 
     cam2 = as_client(keydir, "cam2")
     status = get_status(address, curve=cam2)
