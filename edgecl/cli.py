@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "edgecl.demo",
     "edgecl.serve.commands",
     "edgecl.export.commands",
+    "edgecl.methods",
     "edgecl.security",
 ]
 

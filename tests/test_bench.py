@@ -31,11 +31,25 @@ def test_average_forgetting():
     assert average_forgetting(acc) == pytest.approx(((90 - 60) + (95 - 80)) / 2)
 
 
-def test_bench_run_reports_what_the_issue_asks(monkeypatch):
+def tiny_split_mnist(monkeypatch, train_per_class=20, test_per_task=40):
+    """Make the bench run two pairs on a few digits, with a short test set per pair."""
+    import dataclasses
+
     import edgecl.data as data
     real = data.split_mnist
-    monkeypatch.setattr(data, "split_mnist",
-                        lambda seed: real(seed, train_per_class=20, tasks=[(0, 1), (2, 3)]))
+
+    def tiny(seed):
+        s = real(seed, train_per_class=train_per_class, tasks=[(0, 1), (2, 3)])
+        keep = np.concatenate([np.flatnonzero(s.test_task == t)[:test_per_task]
+                               for t in range(2)])
+        return dataclasses.replace(s, test_x=s.test_x[keep], test_y=s.test_y[keep],
+                                   test_task=s.test_task[keep])
+
+    monkeypatch.setattr(data, "split_mnist", tiny)
+
+
+def test_bench_run_reports_what_the_issue_asks(monkeypatch):
+    tiny_split_mnist(monkeypatch)
     r = run_split_mnist("derpp+ewcpp", buffer=20, seed=0)
     for key in ("final_acc", "acc_matrix", "forgetting", "samples_per_s", "buffer_bytes",
                 "peak_rss_mb"):

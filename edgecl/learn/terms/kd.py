@@ -26,6 +26,7 @@ class KD(Term):
     name = "kd"
     describe = "soft-target distillation from the ResNet teacher (temperature T, T^2 scale)"
     defaults = {"weight": 1.0, "temperature": 2.0}
+    memory_note = "nothing of its own; it needs a teacher, counted under the teacher setting"
 
     def loss(self, step: Step):
         if step.teacher_logits is None:
