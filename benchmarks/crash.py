@@ -146,6 +146,10 @@ def crash_run(state_dir: Path, rounds: int = 6, samples: int = 2000, seed: int =
     try:
         return _crash_rounds(daemon, client_for(daemon), batches, data, labels, rounds, rng,
                              max_delay_s, snapshot_every, state_dir, started, say)
+    except BaseException:
+        tail = daemon.log_path.read_text(errors="replace").splitlines()[-40:]
+        print("daemon log, last lines:", *tail, sep="\n  ", file=sys.stderr)
+        raise
     finally:
         daemon.kill()  # a no-op after a clean stop; never leave a daemon behind
 

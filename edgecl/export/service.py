@@ -108,7 +108,11 @@ class SnapshotService:
     # -- learner thread ---------------------------------------------------------------------
 
     def on_step(self, learner, samples_learned: int, final: bool) -> None:
-        """Learner hook: copy and queue an export when one is due."""
+        """Learner hook: copy and queue an export when one is due; at shutdown, end the export
+        thread."""
+        if final:
+            self.finish()
+            return
         learned = int(getattr(learner, "samples_learned", samples_learned))
         reason = self._due(learned, final)
         if reason is None or getattr(learner, "student", None) is None:
@@ -195,6 +199,16 @@ class SnapshotService:
 
     def close(self) -> None:
         self._jobs.put(None)
+
+    def finish(self, timeout_s: float = 120.0) -> None:
+        """Let a running export end, then stop its thread. Exiting while it runs aborts the
+        process ("terminate called without an active exception": the interpreter goes away
+        under torch/onnxruntime native code), so a SIGTERM would end in a non-zero exit."""
+        try:
+            self._jobs.put(None, timeout=timeout_s)
+        except queue.Full:
+            pass
+        self._thread.join(timeout_s)
 
     # -- socket-loop ops --------------------------------------------------------------------
 
