@@ -156,7 +156,6 @@ class Journal:
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
         self.last_error: str | None = None
-        self.records_written = 0
         self._listing, self._listed_at = (0, 0), float("-inf")
 
     # -- startup ----------------------------------------------------------------------------
@@ -167,8 +166,6 @@ class Journal:
         `covered` (for dedup and counters). A state dir that cannot be written is a UserError."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob(f"*{SUFFIX}.tmp"):
-                stale.unlink()
             next_offset, records = covered, []
             for path in self.segments():
                 bodies, good, problem = read_segment(path)
@@ -222,7 +219,6 @@ class Journal:
                 self._undo(exc)
                 raise StorageError(self.last_error) from None
             self._size += len(record)
-            self.records_written += 1
             self.last_error = None
         if self.fsync == "interval" and self._syncer is None:
             self._syncer = threading.Thread(target=self._sync_loop, name="edgecl-journal-sync",
