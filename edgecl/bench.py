@@ -70,16 +70,20 @@ def learner_config(method: str, buffer: int, seed: int, teacher: str | None, **o
 
 def run_split_mnist(method: str = "derpp+ewcpp", buffer: int = 200, seed: int = 0,
                     teacher: str | None = None, batch: int = 10, progress: bool = False,
-                    **overrides) -> dict:
-    """One seed of Split-MNIST. Returns accuracies (percent), forgetting, speed, memory."""
-    from edgecl.data import split_mnist
+                    train_per_class: int | None = None, **overrides) -> dict:
+    """One seed of Split-MNIST. Returns accuracies (percent), forgetting, speed, memory.
+    `train_per_class` below 400 shortens the stream for smoke runs; the test set stays the
+    same 100 digits per class."""
+    import edgecl.data as data
     from edgecl.learn import OnlineLearner
     from edgecl.learn.metrics import average_forgetting
 
     config = learner_config(method, buffer, seed, teacher, **overrides)
     teacher = config.teacher
     learner = OnlineLearner(config)
-    stream = split_mnist(seed)
+    stream = data.split_mnist(seed)
+    if train_per_class is not None:
+        stream = _shorter_stream(stream, train_per_class)
     n_tasks = len(stream.tasks)
     acc_matrix = np.zeros((n_tasks, n_tasks))
     task_acc_matrix = np.zeros((n_tasks, n_tasks))
@@ -108,6 +112,7 @@ def run_split_mnist(method: str = "derpp+ewcpp", buffer: int = 200, seed: int = 
                                          stream.test_task, stream.tasks)
     return {
         "method": method, "buffer": buffer, "seed": seed, "teacher": teacher,
+        "train_samples": total,
         "final_acc": final_acc,  # Class-IL
         "final_task_acc": final_task_acc,  # Task-IL
         "acc_matrix": acc_matrix.round(2).tolist(),
@@ -121,6 +126,19 @@ def run_split_mnist(method: str = "derpp+ewcpp", buffer: int = 200, seed: int = 
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "config": asdict(config),
     }
+
+
+def _shorter_stream(stream, train_per_class: int):
+    """The first `train_per_class` stream samples of each class, order kept."""
+    import dataclasses
+
+    counts: dict[int, int] = {}
+    keep = np.zeros(len(stream.train_y), dtype=bool)
+    for i, label in enumerate(stream.train_y.tolist()):
+        counts[label] = counts.get(label, 0) + 1
+        keep[i] = counts[label] <= train_per_class
+    return dataclasses.replace(stream, train_x=stream.train_x[keep],
+                               train_y=stream.train_y[keep], train_task=stream.train_task[keep])
 
 
 def _progress_bar(total: int, desc: str):

@@ -189,6 +189,8 @@ class FollowsPath:
     List it before the `ImportancePenalty` base: `class SI(FollowsPath, ImportancePenalty)`.
     """
 
+    components = ("path",)
+
     def __init__(self, learner, **params):
         super().__init__(learner, **params)
         self.path = PathIntegral()
@@ -198,20 +200,6 @@ class FollowsPath:
         if not self.anchor:
             self.set_anchor()  # where the first path starts
         self.path.record(params, task_gradients(self, params, step))
-
-    def on_grow(self, old_n: int, new_n: int) -> None:
-        super().on_grow(old_n, new_n)
-        self.path.pad(self._params())
-
-    def extra_bytes(self) -> int:
-        return super().extra_bytes() + self.path.nbytes()
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "path": self.path.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.path.load_state_dict(state["path"])
 
 
 class ImportancePenalty(Term):
@@ -225,7 +213,8 @@ class ImportancePenalty(Term):
 
     Subclasses name their per-parameter stores: `zero_padded` (importance, running sums: new
     head rows start at 0) and `param_padded` (anchors: new rows start at their init value),
-    set `importance_store` (the store that is Omega) or override `omega()`, and set
+    set `importance_store` (the store that is Omega) or override `omega()`, name helper
+    objects with `nbytes`, `state_dict`, `load_state_dict` (and `pad`) in `components`, and set
     `vectors` (float32 vectors of the student's size they hold) and `window` (True if they
     keep a `RecentWindow` of `samples` inputs) for `memory_bytes`.
     """
@@ -233,6 +222,7 @@ class ImportancePenalty(Term):
     importance_store = "importance"
     zero_padded: tuple[str, ...] = ("importance",)
     param_padded: tuple[str, ...] = ("anchor",)
+    components: tuple[str, ...] = ()  # helper objects (window, path) saved and counted too
     vectors = 2
     window = False
 
@@ -285,16 +275,23 @@ class ImportancePenalty(Term):
             pad_rows(getattr(self, store), params, "zero")
         for store in self.param_padded:
             pad_rows(getattr(self, store), params, "param")
+        for part in self.components:
+            if hasattr(getattr(self, part), "pad"):
+                getattr(self, part).pad(params)
 
     def extra_bytes(self) -> int:
-        return sum(nbytes(getattr(self, store)) for store in self._stores())
+        return sum(nbytes(getattr(self, store)) for store in self._stores()) + \
+            sum(getattr(self, part).nbytes() for part in self.components)
 
     def state_dict(self) -> dict:
-        return {store: dict(getattr(self, store)) for store in self._stores()}
+        return {**{store: dict(getattr(self, store)) for store in self._stores()},
+                **{part: getattr(self, part).state_dict() for part in self.components}}
 
     def load_state_dict(self, state: dict) -> None:
         for store in self._stores():
             setattr(self, store, {k: v.clone() for k, v in state[store].items()})
+        for part in self.components:
+            getattr(self, part).load_state_dict(state[part])
 
     @classmethod
     def memory_bytes(cls, student, input_shape, params) -> int:
@@ -318,6 +315,7 @@ class WindowedImportance(ImportancePenalty):
     """
 
     window = True
+    components = ("recent",)
 
     def __init__(self, learner, **params):
         super().__init__(learner, **params)
@@ -342,13 +340,3 @@ class WindowedImportance(ImportancePenalty):
                 store[name] = new if old is None else self.merge(old, new)
             self.recent.clear()
         self.set_anchor()
-
-    def extra_bytes(self) -> int:
-        return super().extra_bytes() + self.recent.nbytes()
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "recent": self.recent.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.recent.load_state_dict(state["recent"])
