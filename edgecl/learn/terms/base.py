@@ -118,7 +118,7 @@ class Term:
         and the replay buffer: float32 vectors of the student's size (importance, anchor θ*:
         `4 * n_params` bytes each, n_params = sum(p.numel() for p in student.parameters())),
         a frozen anchor copy of the student (its parameters and buffers), regressors or
-        projections the term trains, sample windows it keeps (`n * 4 * C*H*W` as float32).
+        projections the term trains, sample windows it keeps (`n * C*H*W` bytes as uint8).
         Count structures shared with other terms (one anchor model for LwF and PODNet) in
         full for each term: it is what the term costs when chosen on its own. Leave out
         transient memory of one step (activations, per-sample gradients). Say in
