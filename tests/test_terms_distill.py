@@ -185,6 +185,21 @@ def test_erg_angle_difference_hand_computed():
     assert term.loss(step).item() == pytest.approx(2.0 * sum(diffs) / 27, rel=1e-5)
 
 
+def test_exemplar_rows_are_the_own_draw_or_every_other_replay_draw():
+    from edgecl.learn.terms.distill import exemplar_rows
+
+    def step_with(*parts):
+        step = Step()
+        for name, n in parts:
+            step.add(name, torch.zeros(n, 1), torch.zeros(n, dtype=torch.long))
+        step.seal()
+        return step
+
+    assert exemplar_rows(step_with(("stream", 2), ("der", 3), ("erg", 4)), "erg") == slice(5, 9)
+    assert exemplar_rows(step_with(("stream", 2), ("der", 3), ("derpp", 2)), "erg") == slice(2, 7)
+    assert exemplar_rows(step_with(("stream", 2)), "erg") is None
+
+
 # ------------------------------------------------------ inside a real learner
 def _learner(name, **terms):
     buffer = 24 if name in ("subspace", "erg") else 0  # these two distill buffer exemplars

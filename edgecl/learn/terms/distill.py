@@ -49,6 +49,15 @@ class DistillTerm(Term):
         return model_bytes(student)
 
 
+def exemplar_rows(step: Step, own: str) -> slice | None:
+    """Rows of buffer exemplars in the step: the term's own draw `own` if it made one, else
+    every replay draw other terms made (with `draw = 0`: no extra samples in the forward)."""
+    if step.has(own):
+        return step.parts[own].rows
+    start = step.parts["stream"].rows.stop
+    return slice(start, len(step.y)) if start < len(step.y) else None
+
+
 def tap_list(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 

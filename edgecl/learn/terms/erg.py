@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from edgecl.learn.terms.base import Step
-from edgecl.learn.terms.distill import DistillTerm, flat
+from edgecl.learn.terms.distill import DistillTerm, exemplar_rows, flat
 from edgecl.learn.terms.rkd import angle_relation
 
 
@@ -16,7 +16,8 @@ class ERG(DistillTerm):
     classes' exemplars when a session ends and preserves it while the next session is
     learned. Here the anchor is taken at each consolidation point (a new class arrives, or
     every `consolidate_every` steps) and the graph is rebuilt each step on a fresh draw, so
-    every exemplar's relations are kept in expectation.
+    every exemplar's relations are kept in expectation; `draw = 0` uses the replay draws of
+    the other terms instead (DER++'s).
     """
 
     name = "erg"
@@ -30,8 +31,9 @@ class ERG(DistillTerm):
 
     def loss(self, step: Step):
         ref = self.reference(step)
-        if ref is None or not step.has("erg") or len(step.labels_of("erg")) < 3:
+        rows = exemplar_rows(step, "erg")
+        if ref is None or rows is None or rows.stop - rows.start < 3:
             return None
-        current = angle_relation(flat(step.rows_of("erg", step.features[self.tap])))
-        anchor = angle_relation(flat(step.rows_of("erg", ref[1][self.tap])))
+        current = angle_relation(flat(step.features[self.tap][rows]))
+        anchor = angle_relation(flat(ref[1][self.tap][rows]))
         return self.weight * (anchor - current).abs().pow(self.p).mean()
