@@ -49,6 +49,27 @@ class DistillTerm(Term):
         return model_bytes(student)
 
 
+class ExemplarTerm(DistillTerm):
+    """A distillation term on buffer exemplars: once an anchor exists it draws `draw`
+    samples of its own (named after the term), or with `draw = 0` reads the other terms'
+    replay draws. Subclasses set `draw` and `tap` defaults."""
+
+    tap_params = ("tap",)
+
+    def prepare(self, step: Step, rng) -> None:
+        if self.learner.anchor is not None:
+            self.learner.draw_replay(step, self.name, self.draw)
+
+    def exemplars(self, step: Step):
+        """(current features, anchor features, labels) of the exemplars, one row each; None
+        before the first consolidation point or without exemplars."""
+        ref = self.reference(step)
+        rows = exemplar_rows(step, self.name)
+        if ref is None or rows is None:
+            return None
+        return flat(step.features[self.tap][rows]), flat(ref[1][self.tap][rows]), step.y[rows]
+
+
 def exemplar_rows(step: Step, own: str) -> slice | None:
     """Rows of buffer exemplars in the step: the term's own draw `own` if it made one, else
     every replay draw other terms made (with `draw = 0`: no extra samples in the forward)."""

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from edgecl.learn.terms.base import Step
-from edgecl.learn.terms.distill import DistillTerm, exemplar_rows, flat
+from edgecl.learn.terms.distill import ExemplarTerm
 from edgecl.learn.terms.rkd import angle_relation
 
 
-class ERG(DistillTerm):
+class ERG(ExemplarTerm):
     """ERG: `weight * mean_{p,q,z} |A_anchor(p,q,z) - A(p,q,z)|^p` over a reservoir draw
     of `draw` exemplars, with `A(p,q,z) = <e_pq, e_zq>` the angle relation of their `tap`
     features (default the embedding), computed with the anchor and with the current model.
@@ -23,17 +23,11 @@ class ERG(DistillTerm):
     name = "erg"
     describe = "exemplar relation graph: keep the triplet angles among buffer exemplars"
     defaults = {"weight": 1.0, "draw": 10, "p": 1, "tap": "embedding"}
-    tap_params = ("tap",)
-
-    def prepare(self, step: Step, rng) -> None:
-        if self.learner.anchor is not None:
-            self.learner.draw_replay(step, "erg", self.draw)
 
     def loss(self, step: Step):
-        ref = self.reference(step)
-        rows = exemplar_rows(step, "erg")
-        if ref is None or rows is None or rows.stop - rows.start < 3:
+        got = self.exemplars(step)
+        if got is None or len(got[2]) < 3:
             return None
-        current = angle_relation(flat(step.features[self.tap][rows]))
-        anchor = angle_relation(flat(ref[1][self.tap][rows]))
-        return self.weight * (anchor - current).abs().pow(self.p).mean()
+        current, anchor, _ = got
+        difference = angle_relation(anchor) - angle_relation(current)
+        return self.weight * difference.abs().pow(self.p).mean()

@@ -32,10 +32,10 @@ class Hints(DistillTerm):
     """
 
     name = "hints"
-    describe = "FitNets hints: a trained 1x1 regressor maps a student feature map to the reference's"
+    describe = "FitNets hints: a trained 1x1 regressor maps a student map to the reference's"
     defaults = {"weight": 1.0, "tap": "stage2", "source": "anchor"}
     tap_params = ("tap",)
-    memory_note = "a 1x1 regressor (C_student x C_reference), plus the anchor copy for source anchor"
+    memory_note = "a 1x1 regressor (C_student x C_reference), plus the anchor for source anchor"
 
     def __init__(self, learner, **params):
         super().__init__(learner, **params)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from edgecl.learn.terms.base import Step
-from edgecl.learn.terms.distill import DistillTerm, exemplar_rows, flat
+from edgecl.learn.terms.distill import ExemplarTerm
 
 
 def top_subspace(features: torch.Tensor, q: int) -> torch.Tensor:
@@ -34,7 +34,7 @@ def subspace_loss(current: torch.Tensor, old: torch.Tensor, labels: torch.Tensor
     return torch.stack(losses).mean() if losses else None
 
 
-class Subspace(DistillTerm):
+class Subspace(ExemplarTerm):
     """Subspace distillation: `weight * (1/|C|) sum_k (2q - 2 ||P_k^T P_k*||_F^2)` on a
     reservoir draw of `draw` samples, P_k (P_k*) the top-q left singular vectors of class
     k's `tap` features (default the embedding) under the current model (the anchor). The
@@ -52,17 +52,10 @@ class Subspace(DistillTerm):
     name = "subspace"
     describe = "subspace distillation: keep each class's top singular subspace of buffer features"
     defaults = {"weight": 0.1, "q": 2, "draw": 20, "tap": "embedding"}
-    tap_params = ("tap",)
-
-    def prepare(self, step: Step, rng) -> None:
-        if self.learner.anchor is not None:
-            self.learner.draw_replay(step, "subspace", self.draw)
 
     def loss(self, step: Step):
-        ref = self.reference(step)
-        rows = exemplar_rows(step, "subspace")
-        if ref is None or rows is None:
+        got = self.exemplars(step)
+        if got is None:
             return None
-        current, old = flat(step.features[self.tap][rows]), flat(ref[1][self.tap][rows])
-        value = subspace_loss(current, old, step.y[rows], self.q)
+        value = subspace_loss(*got, self.q)
         return None if value is None else self.weight * value
