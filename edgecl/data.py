@@ -33,6 +33,8 @@ def as_sample_array(x, allow_hw: bool = False) -> np.ndarray:
         x = x.astype(np.float32)
     if x.dtype not in (np.uint8, np.float32):
         raise ValueError(f"inputs must be uint8 or float32 in [0, 1]; got {x.dtype}")
+    if x.dtype == np.float32 and not np.isfinite(x).all():
+        raise ValueError("inputs contain NaN or Inf values")
     return x
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
@@ -72,28 +73,46 @@ def test_malformed_requests_all_get_their_code_and_valid_traffic_still_learns(tm
 
 
 def test_a_step_whose_loss_is_not_finite_is_skipped_and_counted():
-    """The daemon refuses NaN input at the wire; behind it, the learner still skips a step
-    whose loss is not finite: no weight moves and nothing enters the replay buffer."""
+    """The daemon refuses NaN input at the wire and the learner refuses it too; a finite but
+    overflowing batch still gives a non-finite loss, and that step is skipped: no weight or
+    BatchNorm statistic moves and nothing enters the replay buffer."""
     rng = np.random.default_rng(0)
     x = rng.random((8, *SHAPE), dtype=np.float32)
     y = [0, 1] * 4
     learner = OnlineLearner(LearnerConfig(method="derpp+ewcpp", buffer_size=20, threads=1))
     learner.learn_many(x, y)
-    weights = {k: p.detach().clone() for k, p in learner.student.named_parameters()}
+    state = {k: t.detach().clone() for k, t in learner.student.state_dict().items()}
     buffered = len(learner.buffer)
 
     poisoned = x.copy()
     poisoned[3, 0, 2, 2] = np.nan
-    out = learner.learn_many(poisoned, y)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        learner.learn_many(poisoned, y)
+    out = learner.learn_many(np.full_like(x, 3e38), y)
     assert not np.isfinite(out["loss"])
     assert learner.skipped_steps == 1 and learner.stats()["skipped_steps"] == 1
     assert len(learner.buffer) == buffered
-    for name, p in learner.student.named_parameters():
-        assert torch.equal(p, weights[name]), f"{name} moved on a skipped step"
+    for name, t in learner.student.state_dict().items():
+        assert torch.equal(t, state[name]), f"{name} moved on a skipped step"
 
     out = learner.learn_many(x, y)
     assert np.isfinite(out["loss"]) and learner.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in learner.student.parameters())
+
+
+@pytest.mark.parametrize("lr", [1e3, 1e12])
+def test_an_absurd_learning_rate_never_makes_the_model_nan(lr):
+    """Finite losses whose updates overflow (or whose BatchNorm variance overflows) are
+    skipped like non-finite ones, so the weights and running statistics stay finite."""
+    rng = np.random.default_rng(0)
+    x = rng.random((8, *SHAPE), dtype=np.float32)
+    learner = OnlineLearner(LearnerConfig(method="derpp+ewcpp", buffer_size=20, threads=1, lr=lr))
+    for _ in range(20):
+        learner.learn_many(x, [0, 1] * 4)
+    assert learner.skipped_steps > 0
+    assert all(torch.isfinite(t).all() for t in learner.student.state_dict().values()
+               if t.is_floating_point())
+    assert len(learner.predict_many(x)) == 8
 
 
 def test_a_msgpack_bomb_is_refused_before_msgpack_allocates_for_it():

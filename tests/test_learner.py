@@ -136,9 +136,12 @@ def test_non_finite_loss_is_skipped_and_counted(digits):
     x, y = digits
     learner = OnlineLearner(LearnerConfig(method="finetune", **SMALL))
     learner.learn_many(x[:10], list(y[:10]))
-    bad = np.full((2, 1, 28, 28), np.nan, np.float32)
     learner.input_dtype = "float32"  # allow a float batch on this learner for the test
-    learner.learn_many(bad, [0, 1])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        learner.learn_many(np.full((2, 1, 28, 28), np.nan, np.float32), [0, 1])
+    with pytest.raises(ValueError, match="empty batch"):
+        learner.learn_many(np.zeros((0, 1, 28, 28), np.float32), [])
+    learner.learn_many(np.full((2, 1, 28, 28), 3e38, np.float32), [0, 1])  # overflows
     assert learner.stats()["skipped_steps"] == 1
     assert all(torch.isfinite(p).all() for p in learner.student.parameters())
 

@@ -145,6 +145,8 @@ class OnlineLearner:
     def learn_many(self, x, y: Sequence) -> dict:
         """Predict the batch (prequential), then take one learning step on it."""
         raw = self._check_inputs(x)
+        if len(raw) == 0:
+            raise ValueError("empty batch: nothing to learn")
         if len(y) != len(raw):
             raise ValueError(f"got {len(raw)} inputs but {len(y)} labels")
         started = time.perf_counter()
@@ -327,6 +329,9 @@ class OnlineLearner:
                 else:
                     step.anchor_logits = self.anchor(step.x)
         self.student.train()
+        # the train-mode forward moves BatchNorm's running statistics before the loss is
+        # known; a skipped step puts them back, so a non-finite batch cannot poison eval mode
+        bn_before = {k: v.clone() for k, v in self.student.named_buffers()}
         if self.student_taps:
             step.logits, step.features = self.student(step.x, self.student_taps)
         else:
@@ -338,13 +343,20 @@ class OnlineLearner:
                 loss = loss + extra
         value = float(loss.detach())
         self.optimizer.zero_grad(set_to_none=True)
-        if np.isfinite(value):
+        # BatchNorm can normalize huge activations to a finite loss while its running
+        # variance overflows: that step is refused too
+        learned = np.isfinite(value) and _all_finite(self.student.buffers())
+        if learned:
             loss.backward()
+            learned = self._gradients_finite()
+        if learned:
             for term in self.terms:
                 term.after_backward(step)
             self.optimizer.step()
             self.buffer.add(raw, targets, step.logits_of("stream").detach().numpy())
-        else:  # neither learned nor kept for replay: one bad batch must not poison the buffer
+        else:  # neither learned nor kept for replay: one bad batch must not poison the model
+            self.optimizer.zero_grad(set_to_none=True)
+            self.student.load_state_dict(bn_before, strict=False)
             self.skipped_steps += 1
         self.steps += 1
         self.samples_learned += len(raw)
@@ -352,6 +364,13 @@ class OnlineLearner:
         if self.steps - self.last_consolidation >= self.config.consolidate_every:
             self._consolidate()
         return value
+
+    def _gradients_finite(self) -> bool:
+        """A finite loss can still give an overflowing gradient (a huge lr, an extreme
+        input); such a step is skipped like a non-finite loss rather than applied."""
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        return _all_finite(grads) and bool(torch.isfinite(
+            torch.stack([g.norm() for g in grads]).norm() * self.config.lr))
 
     def _teacher_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Teacher logits; with the taps some term asked for, kept detached in the step."""
@@ -471,6 +490,10 @@ class OnlineLearner:
 def _union(groups) -> tuple[str, ...]:
     """Names from several tuples, each once, in first-seen order."""
     return tuple(dict.fromkeys(name for group in groups for name in group))
+
+
+def _all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 def _grow_head(model: EdgeNet, optimizer: torch.optim.Optimizer, new_n: int) -> None:
