@@ -12,7 +12,6 @@ import time
 from edgecl import config as config_mod
 from edgecl.errors import UserError
 from edgecl.security import add_client_args, client_curve_from_args
-from edgecl.security import add_client_args, client_curve_from_args
 
 log = logging.getLogger("edgecl.serve")
 
@@ -133,7 +132,6 @@ def cmd_push(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 0:
         raise UserError(f"--limit must be >= 0, got {args.limit}")
     curve = client_curve_from_args(args)
-    curve = client_curve_from_args(args)
     x, labels = load_source(args.source)
     if args.limit is not None:
         x, labels = x[:args.limit], labels[:args.limit]
@@ -233,10 +231,6 @@ def format_status(status: dict, address: str = "") -> str:
         ("snapshot", "none yet" if status.get("snapshot_version") is None
          else f"v{status['snapshot_version']}"),
     ]
-    if status.get("curve") is not None:
-        rows.insert(1, ("security", f"CURVE, {status.get('curve_refused', 0)} unlisted keys "
-                                    "refused" if status["curve"] else
-                                    "no CURVE: unencrypted, open to anyone who reaches the port"))
     checkpoint, journal = status.get("checkpoint"), status.get("journal")
     if checkpoint and journal:
         rows.append(("durability", f"checkpoint covers {checkpoint['covered']} samples, journal "
@@ -247,6 +241,10 @@ def format_status(status: dict, address: str = "") -> str:
         for error in (journal.get("error"), checkpoint.get("error")):
             if error:
                 rows.append(("storage error", error))
+    if status.get("curve") is not None:
+        rows.insert(1, ("security", f"CURVE, {status.get('curve_refused', 0)} unlisted keys "
+                                    "refused" if status["curve"] else
+                                    "no CURVE: unencrypted, open to anyone who reaches the port"))
     if status.get("learner_error"):
         rows.append(("last error", status["learner_error"]))
     refused_snapshot = status.get("snapshot_last_failure")
