@@ -22,7 +22,7 @@ class EWC(WindowedImportance):
 
     name = "ewc"
     describe = "EWC: per-sample Fisher of recent data at each consolidation point"
-    defaults = {"lam": 10.0, "gamma": 1.0, "samples": 200}
+    defaults = {"lam": 100.0, "gamma": 1.0, "samples": 200}
     memory_note = "2 floats per parameter (Fisher, anchor) + a window of `samples` inputs"
     importance_store = "fisher"
     zero_padded = ("fisher",)

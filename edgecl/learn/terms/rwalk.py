@@ -18,7 +18,10 @@ class RWalk(FollowsPath, EWCPP):
     penalty, as in SI), and at a consolidation point
     `s = omega / ((1/2) * F * (theta - theta*)^2 + eps)`, `S <- (S + s) / 2` (the first s is
     taken whole), omega reset, theta* = theta. Normalizing both parts by their maximum makes
-    lam comparable across the two scales (the paper's point: less sensitive to lam).
+    lam comparable across the two scales (the paper's point: less sensitive to lam). The
+    maximum is an outlier far above the typical parameter's, so lam is large (1000: on
+    Split-MNIST at buffer 0, seed 0, Task-IL rose 74.0 / 76.9 / 85.0 / 88.1 % for lam 1, 10,
+    100, 1000; the stiffness cap 1/lr still bounds every parameter).
 
     Task boundaries: the paper scores a task's path when it ends; edgecl does it at each
     consolidation point (a never-seen label arrives, or every `consolidate_every` steps),
@@ -31,7 +34,7 @@ class RWalk(FollowsPath, EWCPP):
 
     name = "rwalk"
     describe = "RWalk: EWC++ Fisher plus an SI-style path score, each normalized by its max"
-    defaults = {"lam": 1.0, "alpha": 0.9, "fisher_every": 10, "eps": 0.1}
+    defaults = {"lam": 1000.0, "alpha": 0.9, "fisher_every": 10, "eps": 0.1}
     memory_note = "6 floats per parameter (Fisher, score, anchor, omega, last theta, last g)"
     zero_padded = ("fisher", "score")
     vectors = 6

@@ -29,7 +29,7 @@ class SI(FollowsPath, ImportancePenalty):
 
     name = "si"
     describe = "SI: path-integral importance (-g * delta theta), folded in at consolidation"
-    defaults = {"lam": 1.0, "xi": 0.1}
+    defaults = {"lam": 10.0, "xi": 0.1}
     memory_note = "5 floats per parameter (Omega, anchor, omega, last theta, last gradient)"
     vectors = 5
 
