@@ -125,6 +125,7 @@ def run_split_mnist(method: str = "derpp+ewcpp", buffer: int = 200, seed: int = 
         "skipped_steps": stats["skipped_steps"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "config": asdict(config),
+        "term_params": {t.name: {k: getattr(t, k) for k in t.defaults} for t in learner.terms},
     }
 
 

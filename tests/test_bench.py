@@ -59,6 +59,7 @@ def test_bench_run_reports_what_the_issue_asks(monkeypatch):
     assert np.array(r["task_acc_matrix"]).shape == (2, 2)
     # an argmax right over every class is right within the image's pair
     assert r["final_task_acc"] >= r["final_acc"]
+    assert r["term_params"]["ewcpp"]["lam"] == 1.0  # the defaults in force are recorded
     s = summarize([r, {**r, "seed": 1, "final_acc": r["final_acc"] + 2}])
     assert s["final_avg_acc"] == pytest.approx(r["final_acc"] + 1)
 
