@@ -35,8 +35,8 @@ from edgecl.export.onnx import (copy_model, export_student, label_indices, run, 
                                 session, to_model_input)
 from edgecl.learn import LearnerConfig, OnlineLearner  # noqa: E402
 from edgecl.models import build_student  # noqa: E402
+from sections import write_section  # noqa: E402  benchmarks/, the script's own folder
 
-BEGIN, END = "<!-- export:begin -->", "<!-- export:end -->"
 MCUNET_PEAK_KB = 308
 TARGET_INT8_KB, TARGET_FP32_KB, TARGET_SECONDS = 450, 1400, 3.0
 
@@ -165,7 +165,7 @@ def main() -> int:
            r.memory["model.int8.onnx"], ("3x144x144", "fp32"): big_r.memory["model.onnx"],
            ("3x144x144", "int8"): big_r.memory["model.int8.onnx"]}
 
-    lines = [BEGIN, "## Snapshot export (ONNX fp32 + int8)", "",
+    lines = ["## Snapshot export (ONNX fp32 + int8)", "",
              f"Command: `{command}`  ", f"Machine: {where}.", "",
              f"Student: MobileNetV2-Tiny, {len(labels)} classes, input uint8 1x28x28, after "
              f"Split-MNIST ({learner.stats()['samples_learned']} samples learned: every "
@@ -217,11 +217,11 @@ def main() -> int:
              "Node names are the exported graph's (`Cast_0` is the uint8 → float cast of the "
              "input, before the in-graph /255 and normalization, which an int8 graph quantizes "
              "only afterwards).",
-             "", END]
+             ""]
     section = "\n".join(lines)
     print(section)
     if args.write:
-        _replace_section(Path(args.write), section)
+        write_section(Path(args.write), "export", section)
     return 0
 
 
@@ -267,16 +267,6 @@ def pull_over_loopback(result, runs: int = 5) -> dict:
 
 def _pct(v):
     return "n/a" if v is None else f"{v:.1%}"
-
-
-def _replace_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sections import write_section  # benchmarks/, the script's own folder
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -189,19 +191,6 @@ def table(rows: list[dict]) -> str:
         for r in rows)
 
 
-def write_section(text: str, path: Path) -> None:
-    """Replace this script's section of BENCHMARKS.md, leaving every other section alone."""
-    begin, end = "<!-- ingest:begin -->", "<!-- ingest:end -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}\n"
-    current = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if begin in current and end in current:
-        current = current[:current.index(begin)] + block + \
-            current[current.index(end) + len(end) + 1:]
-    else:
-        current = current.rstrip() + "\n\n" + block
-    path.write_text(current)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small run; do not write the file")
@@ -250,7 +239,7 @@ def main() -> int:
             "so acks are paced by learning. Room frees one batch at a time and goes to whichever "
             "sensor's retry arrives first: `busy` retries are not served in arrival order, "
             "hence the long ack-latency tail there.\n")
-        write_section(section, Path(args.out))
+        write_section(Path(args.out), "ingest", section)
         print(f"wrote {args.out}")
     return 0
 
