@@ -19,7 +19,9 @@ import multiprocessing as mp
 import os
 import platform
 import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -101,7 +103,8 @@ def scenario(name: str, clients: int, per_client: int, serve_overrides: dict,
 
     ctx = mp.get_context("spawn")
     port_queue = ctx.Queue()
-    state_dir = f"/tmp/edgecl-bench-ingest-{os.getpid()}-{name}"
+    # a fresh state directory per scenario: a used one restores its journal and checkpoint
+    state_dir = tempfile.mkdtemp(prefix=f"edgecl-bench-ingest-{name}-{clients}-")
     daemon = ctx.Process(target=run_daemon, args=(port_queue, serve_overrides, state_dir))
     daemon.start()
     try:
@@ -146,6 +149,7 @@ def scenario(name: str, clients: int, per_client: int, serve_overrides: dict,
         if daemon.is_alive():
             daemon.kill()
             daemon.join()
+        shutil.rmtree(state_dir, ignore_errors=True)
 
     wall = max(o["ended"] for o in outcomes) - min(o["started"] for o in outcomes)
     acked = sum(o["acked"] for o in outcomes)
@@ -223,11 +227,12 @@ def main() -> int:
             "## Ingest: `edgecl serve` acked throughput and latency\n\n"
             f"Command: `{command}` (script: `benchmarks/ingest.py`; "
             f"run {time.strftime('%Y-%m-%d %H:%M %Z')}).\n\n"
-            f"Machine: {header}. The machine was shared with other work running at the same "
-            "time (load average above), so rates, the learning rate most of all, are likely "
-            "lower than on an idle machine of this kind.\n\n"
+            f"Machine: {header}. The machine is shared with other work; the load average at "
+            "start says how busy it was, and a busy machine lowers every rate here, the "
+            "learning rate most of all.\n\n"
             "1x28x28 uint8 samples, batches of 64, default daemon settings (64 MiB queue, "
-            "credit window 8) and default learner (derpp+ewcpp, buffer 200) training throughout. "
+            "credit window 8, every push journaled and fsynced before its ack: "
+            "`journal.fsync = batch`) and default learner (derpp+ewcpp, buffer 200) training throughout. "
             "Daemon and each client are separate processes. *burst*: the pushed total fits "
             "in the queue, so acked/s is the daemon's ingest rate. *sustained*: more than a "
             "2 MiB queue holds, so once it fills acks are paced by learning (`busy` replies, "
