@@ -114,7 +114,7 @@ class SnapshotService:
             self.finish()
             return
         learned = int(getattr(learner, "samples_learned", samples_learned))
-        reason = self._due(learned, final)
+        reason = self._due(learned)
         if reason is None or getattr(learner, "student", None) is None:
             return
         if len(learner.buffer) == 0:
@@ -127,12 +127,10 @@ class SnapshotService:
         self._idle.clear()
         self._jobs.put(job)
 
-    def _due(self, learned: int, final: bool) -> str | None:
+    def _due(self, learned: int) -> str | None:
         if learned <= self._last_samples:
             return None  # nothing learned since the last snapshot
         s = self.settings
-        if final:
-            return None  # shutdown: the checkpoint keeps the weights; do not delay exit
         if self._requested.is_set():
             return "requested"
         if s.every_samples and learned - self._last_samples >= s.every_samples:
