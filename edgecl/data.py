@@ -16,6 +16,7 @@ import numpy as np
 from edgecl.errors import UserError
 
 MNIST5K_RELPATH = Path("data") / "data" / "mnist_5k.csv.gz"
+ORDER_SALT = 20261129  # keeps protocol orders apart from any other use of small seeds
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".webp"}
 
 
@@ -71,14 +72,24 @@ class SplitStream:
     test_task: np.ndarray
 
 
+def protocol_tasks(order: int) -> list[tuple[int, ...]]:
+    """The class pairs of a stream order: 0 is the home order (0,1) ... (8,9); any other
+    number is a random pairing of the ten digits, the same for the same number."""
+    if order == 0:
+        return [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+    digits = np.random.default_rng([ORDER_SALT, order]).permutation(10).tolist()
+    return [tuple(digits[i:i + 2]) for i in range(0, 10, 2)]
+
+
 def split_mnist(seed: int = 0, train_per_class: int = 400,
-                tasks: list[tuple[int, ...]] | None = None) -> SplitStream:
-    """Split-MNIST on MNIST-5k: classes in pairs (0,1) ... (8,9); per class the first
-    `train_per_class` digits of a fixed shuffle train, the rest (100) test. The split is the
-    same for every seed; `seed` only shuffles the stream order inside each pair."""
+                tasks: list[tuple[int, ...]] | None = None, order: int = 0) -> SplitStream:
+    """Split-MNIST on MNIST-5k, classes arriving in pairs; per class `train_per_class` digits
+    train and the rest (100) test. `order` 0 is the home cut: pairs (0,1) ... (8,9) and one
+    fixed per-class split. Any other `order` draws its own pairing (`protocol_tasks`) and its
+    own random per-class split. `seed` only shuffles the stream inside each pair."""
     x, y = load_mnist5k()
-    tasks = tasks or [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
-    split_rng = np.random.default_rng(12345)
+    tasks = tasks or protocol_tasks(order)
+    split_rng = np.random.default_rng(12345 if order == 0 else [ORDER_SALT, order, 1])
     order_rng = np.random.default_rng(seed)
     tr_idx, te_idx, tr_task, te_task = [], [], [], []
     for t, classes in enumerate(tasks):
@@ -94,6 +105,22 @@ def split_mnist(seed: int = 0, train_per_class: int = 400,
     tr, te = np.concatenate(tr_idx), np.concatenate(te_idx)
     return SplitStream(x[tr], y[tr], x[te], y[te], tasks,
                        np.concatenate(tr_task), np.concatenate(te_task))
+
+
+def resize_area(x: np.ndarray, side: int) -> np.ndarray:
+    """(N, C, H, W) images resampled to side x side by area averaging (each output pixel is
+    the mean of the input area it covers), as a small sensor would see the scene; the dtype
+    is kept (uint8 rounds)."""
+    def weights(n: int) -> np.ndarray:
+        edges_in, edges_out = np.arange(n + 1) / n, np.arange(side + 1) / side
+        lo = np.maximum(edges_out[:-1, None], edges_in[None, :-1])
+        hi = np.minimum(edges_out[1:, None], edges_in[None, 1:])
+        return np.clip(hi - lo, 0, None) * side  # rows sum to 1
+    out = np.einsum("ih,nchw,jw->ncij", weights(x.shape[2]), x.astype(np.float32),
+                    weights(x.shape[3]))
+    if x.dtype == np.uint8:
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return out.astype(x.dtype)
 
 
 def load_npz(path: str | os.PathLike) -> tuple[np.ndarray, list]:

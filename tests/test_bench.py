@@ -38,8 +38,8 @@ def tiny_split_mnist(monkeypatch, train_per_class=20, test_per_task=40):
     import edgecl.data as data
     real = data.split_mnist
 
-    def tiny(seed):
-        s = real(seed, train_per_class=train_per_class, tasks=[(0, 1), (2, 3)])
+    def tiny(seed, order=0):
+        s = real(seed, train_per_class=train_per_class, tasks=[(0, 1), (2, 3)], order=order)
         keep = np.concatenate([np.flatnonzero(s.test_task == t)[:test_per_task]
                                for t in range(2)])
         return dataclasses.replace(s, test_x=s.test_x[keep], test_y=s.test_y[keep],
@@ -74,6 +74,10 @@ def test_bench_run_reports_what_the_issue_asks(monkeypatch):
      "si: unknown parameter(s) lamda"),
     (["--method", "derpp+si", "--set", '{"terms": {"si": {"lam": "big"}}}'], "si.lam"),
     (["--jobs", "0"], "--jobs"),
+    (["--orders", "-1"], "--orders"),
+    (["--order-ids", "1,x"], "--order-ids"),
+    (["--train-per-class", "0"], "--train-per-class"),
+    (["--size", "2"], "--size"),
 ])
 def test_bench_cli_errors_are_one_line(argv, message, capsys, monkeypatch):
     import edgecl.bench as bench
@@ -132,6 +136,66 @@ def test_table_has_task_il_beside_class_il_and_reads_old_results():
     old = {k: v for k, v in run.items() if k != "final_task_acc"}
     table = format_table([summarize([run, {**run, "seed": 1, "final_task_acc": 98.75}]),
                           summarize([old])], 800.0).splitlines()
-    assert "| Class-IL acc % | Task-IL acc % |" in table[0]
-    assert "| 19.5 ± 0.0 | 98.0 ± 1.1 |" in table[2]
-    assert "| 19.5 ± 0.0 | – |" in table[3]
+    assert "| Class-IL acc % | worst run % | Task-IL acc % |" in table[0]
+    assert "| 2 | 19.5 ± 0.0 | 19.5 | 98.0 ± 1.1 |" in table[2]
+    assert "| 1 | 19.5 ± 0.0 | 19.5 | – |" in table[3]
+
+
+def test_random_orders_draw_their_own_pairs_and_cuts():
+    from edgecl.data import protocol_tasks
+    home = split_mnist(seed=0)
+    seen_pairings = set()
+    for order in (1, 2, 3):
+        tasks = protocol_tasks(order)
+        assert sorted(d for pair in tasks for d in pair) == list(range(10))
+        seen_pairings.add(tuple(tasks))
+        s = split_mnist(seed=0, order=order)
+        assert s.tasks == tasks and len(s.train_x) == 4000 and len(s.test_x) == 1000
+        # each pair arrives whole, in the order's sequence
+        assert [tuple(sorted(set(s.train_y[s.train_task == t]))) for t in range(5)] == \
+            [tuple(sorted(p)) for p in tasks]
+        # its own per-class cut: a test digit of the home cut is now a training digit
+        assert not np.array_equal(np.sort(s.test_x.reshape(1000, -1).sum(1)),
+                                  np.sort(home.test_x.reshape(1000, -1).sum(1)))
+        # the same order number gives the same stream; the seed only reorders within pairs
+        np.testing.assert_array_equal(split_mnist(seed=0, order=order).train_y, s.train_y)
+        np.testing.assert_array_equal(split_mnist(seed=5, order=order).test_y, s.test_y)
+    assert len(seen_pairings) == 3 and protocol_tasks(0) == home.tasks
+
+
+def test_resize_area_averages_what_each_pixel_covers():
+    from edgecl.data import resize_area
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    np.testing.assert_allclose(resize_area(x, 2)[0, 0], [[2.5, 4.5], [10.5, 12.5]])
+    digits = split_mnist(seed=0).train_x[:5]
+    small = resize_area(digits, 8)
+    assert small.shape == (5, 1, 8, 8) and small.dtype == np.uint8
+    # area resampling keeps the mean brightness (up to rounding)
+    assert abs(float(small.mean()) - float(digits.mean())) < 1.0
+
+
+def test_protocol_stream_shifts(monkeypatch):
+    from edgecl.bench import protocol_stream
+    short8 = protocol_stream(seed=0, order=2, train_per_class=30, size=8)
+    assert short8.train_x.shape == (300, 1, 8, 8) and short8.test_x.shape == (1000, 1, 8, 8)
+    assert np.bincount(short8.train_y).tolist() == [30] * 10
+    iid = protocol_stream(seed=0, order=2, train_per_class=30, size=8, iid=True)
+    assert sorted(iid.train_y.tolist()) == sorted(short8.train_y.tolist())
+    # no class order left: the first 50 samples already hold most classes
+    assert len(set(iid.train_y[:50].tolist())) >= 8 and not iid.train_task.any()
+
+
+def test_bench_cli_runs_orders_and_reports_the_worst(monkeypatch, capsys, tmp_path):
+    import edgecl.bench as bench
+    tiny_split_mnist(monkeypatch, train_per_class=10)
+    monkeypatch.setattr(bench, "baseline_rss_mb", lambda: 0.0)
+    monkeypatch.setattr(bench, "run_each", lambda runs, jobs=1: (
+        (kw, run_split_mnist(**kw)) for kw in runs))
+    out_json = tmp_path / "r.json"
+    assert main(["bench", "split-mnist", "--method", "er", "--buffer", "10", "--seeds", "0",
+                 "--orders", "2", "--size", "14", "--quiet", "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())["results"][0]
+    assert [r["order"] for r in result["runs"]] == [1, 2] and result["orders"] == [1, 2]
+    assert all(r["size"] == 14 for r in result["runs"])
+    assert result["final_acc_worst"] == min(r["final_acc"] for r in result["runs"])
+    assert "| worst run % |" in capsys.readouterr().out

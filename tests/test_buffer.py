@@ -58,3 +58,35 @@ def test_state_round_trip():
     assert other.seen == 8 and len(other) == 5
     np.testing.assert_array_equal(other.x, buf.x)
     np.testing.assert_array_equal(other.logit_width, buf.logit_width)
+
+
+def _offer(buf, labels):
+    labels = np.asarray(labels)
+    for start in range(0, len(labels), 10):
+        chunk = labels[start:start + 10]
+        buf.add(chunk.reshape(-1, 1, 1, 1).astype(np.uint8), chunk, np.zeros((len(chunk), 2)))
+
+
+def test_balanced_buffer_keeps_a_rare_class_that_reservoir_loses():
+    # 1,000 samples of class 0, then 20 of class 1: a 40-slot reservoir keeps about
+    # 40 * 20 / 1020 < 1 of class 1; CBRS gives the newcomer room taken from the largest class
+    stream = [0] * 1000 + [1] * 20
+    reservoir = ReservoirBuffer(40, np.random.default_rng(0))
+    balanced = ReservoirBuffer(40, np.random.default_rng(0), balanced=True)
+    _offer(reservoir, stream)
+    _offer(balanced, stream)
+    assert np.bincount(reservoir.y, minlength=2)[1] <= 3
+    assert np.bincount(balanced.y, minlength=2).tolist() == [20, 20]
+    assert len(balanced) == 40 and balanced.seen == 1020
+
+
+def test_balanced_buffer_on_a_class_incremental_stream_stays_balanced():
+    stream = np.repeat(np.arange(5), 200)  # five classes, one after another
+    buf = ReservoirBuffer(50, np.random.default_rng(1), balanced=True)
+    _offer(buf, stream)
+    assert np.bincount(buf.y, minlength=5).tolist() == [10] * 5
+    # the class counts survive a checkpoint
+    state = buf.state_dict()
+    twin = ReservoirBuffer(50, np.random.default_rng(1), balanced=True)
+    twin.load_state_dict(state)
+    assert twin.class_seen.tolist() == [200] * 5 and twin.full_classes.all()

@@ -153,3 +153,56 @@ def test_seeded_runs_are_reproducible(digits):
     la = [r["loss"] for r in _feed(a, x[:60], y[:60])]
     lb = [r["loss"] for r in _feed(b, x[:60], y[:60])]
     assert la == lb
+
+
+def test_ace_stream_loss_leaves_absent_classes_alone():
+    from edgecl.learn.learner import stream_cross_entropy
+    logits = torch.tensor([[2.0, 0.5, 1.0], [0.1, 0.2, 3.0]], requires_grad=True)
+    targets = torch.tensor([2, 2])
+    stream_cross_entropy(logits, targets, "ace").backward()
+    # only class 2 is in the batch: with one class present its CE is 0 and nothing moves
+    assert torch.count_nonzero(logits.grad) == 0
+    logits.grad = None
+    stream_cross_entropy(logits, torch.tensor([1, 2]), "ace").backward()
+    assert torch.all(logits.grad[:, 0] == 0) and torch.any(logits.grad[:, 1:] != 0)
+    plain = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2]))
+    assert stream_cross_entropy(logits, torch.tensor([1, 2]), "ce").item() == plain.item()
+
+
+def test_shared_draw_trains_on_one_draw_for_both_derpp_terms(digits, monkeypatch):
+    x, y = digits
+    sizes = []
+    for shared in (False, True):
+        learner = OnlineLearner(LearnerConfig(method="derpp", buffer_size=20, seed=0,
+                                              terms={"derpp": {"shared_draw": shared}}))
+        _feed(learner, x[:40], y[:40])
+        real_forward = learner.student.forward
+        monkeypatch.setattr(learner.student, "forward",
+                            lambda t, *a: (sizes.append(len(t)), real_forward(t, *a))[1])
+        learner.learn_many(x[40:50], list(y[40:50]))
+    assert sizes == [30, 20]  # stream 10 + two draws of 10, or stream 10 + one shared draw
+
+
+def test_iterations_take_several_steps_but_learn_each_sample_once(digits):
+    x, y = digits
+    learner = OnlineLearner(LearnerConfig(method="er", iterations=3, **SMALL))
+    _feed(learner, x[:50], y[:50])
+    stats = learner.stats()
+    assert stats["steps"] == 15 and stats["samples_learned"] == 50
+    assert learner.buffer.seen == 50  # offered to the buffer once per batch
+
+
+def test_prequential_guess_is_made_before_the_batch_is_learned(digits):
+    x, y = digits
+    a = OnlineLearner(LearnerConfig(method="finetune", **SMALL))
+    _feed(a, x[:40], y[:40])
+    b = copy.deepcopy(a)
+    before = b.student.state_dict()
+    out = a.learn_many(x[40:50], list(y[40:50]))
+    # the guess equals a train-mode forward of the model as it was before the step
+    b.student.load_state_dict(before)
+    b.student.train()
+    with torch.no_grad():
+        guess = b.student(b._to_tensor(x[40:50])).argmax(1).numpy()
+    labels = np.asarray(b.labels)
+    assert out["correct"] == int((labels[guess] == y[40:50]).sum())

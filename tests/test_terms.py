@@ -92,15 +92,27 @@ def test_ewcpp_running_fisher_and_penalty():
     term.after_backward(step2)
     f_new = per_sample_fisher(learner.student, x2, y)
     torch.testing.assert_close(term.fisher["weight"], 0.9 * f_new["weight"] + 0.1 * f1["weight"])
-    assert term.loss(step2) is None  # no anchor yet
+    assert term.penalty() is None  # no anchor yet
     term.consolidate()
     with torch.no_grad():
         learner.student.weight += 0.5
     expected = sum(0.5 * (2.0 * term.fisher[n]).clamp(max=100.0) * (p - term.anchor[n]).pow(2)
                    for n, p in learner.student.named_parameters())
     expected = sum(e.sum() for e in expected) if isinstance(expected, list) else expected.sum()
-    assert term.loss(step2).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert term.loss(step2).item() > 0
+    assert term.penalty().item() == pytest.approx(expected.item(), rel=1e-5)
+    assert term.penalty().item() > 0
+    # the learner never sees it as a loss: its exact gradient is added after backward
+    assert term.loss(step2) is None
+    params = list(learner.student.parameters())
+    for p in params:
+        p.grad = None
+    term.penalty().backward()
+    autograd = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    term.add_penalty_gradient()
+    for got, want in zip([p.grad for p in params], autograd):
+        torch.testing.assert_close(got, want)
 
 
 def test_ewcpp_stiffness_is_capped_at_one_over_lr():
@@ -112,7 +124,12 @@ def test_ewcpp_stiffness_is_capped_at_one_over_lr():
         for p in learner.student.parameters():
             p += 1.0
     n_params = sum(p.numel() for p in learner.student.parameters())
-    assert term.loss(Step()).item() == pytest.approx(0.5 * 2.0 * n_params)
+    assert term.penalty().item() == pytest.approx(0.5 * 2.0 * n_params)
+    for p in learner.student.parameters():
+        p.grad = torch.zeros_like(p)
+    term.add_penalty_gradient()  # the capped stiffness 1/lr = 2 times the distance 1
+    for p in learner.student.parameters():
+        torch.testing.assert_close(p.grad, torch.full_like(p, 2.0))
 
 
 def test_kd_matches_formula():

@@ -1,8 +1,11 @@
-"""Reservoir replay buffer: raw inputs, labels, and the logits seen at insertion."""
+"""Replay buffer: raw inputs, labels, and the logits seen at insertion; filled by reservoir
+sampling, or class-balanced reservoir sampling (CBRS)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+BUFFER_POLICIES = ("reservoir", "balanced")
 
 
 class ReservoirBuffer:
@@ -14,9 +17,12 @@ class ReservoirBuffer:
     classes existed then, so DER++ compares only those after the head has grown.
     """
 
-    def __init__(self, capacity: int, rng: np.random.Generator):
+    def __init__(self, capacity: int, rng: np.random.Generator, balanced: bool = False):
         self.capacity = int(capacity)
         self.rng = rng
+        self.balanced = balanced
+        self.class_seen = np.zeros(0, dtype=np.int64)  # stream samples per class (CBRS)
+        self.full_classes = np.zeros(0, dtype=bool)     # classes that were ever the largest
         self.seen = 0
         self.x: np.ndarray | None = None
         self.y = np.zeros(self.capacity, dtype=np.int64)
@@ -26,6 +32,39 @@ class ReservoirBuffer:
 
     def __len__(self) -> int:
         return self.filled
+
+    def balanced_slots_for(self, y: np.ndarray) -> np.ndarray:
+        """Class-balanced reservoir sampling (Chrysakis & Moens, ICML 2020). Once the buffer
+        is full, a sample of a class that never was the largest in the buffer takes the slot
+        of a random sample of the largest class; a sample of a class that was is kept with
+        probability (its class's slots) / (its class's stream samples), in a slot of its own
+        class. A rare class keeps its samples however skewed the stream; on a balanced
+        stream this is reservoir sampling per class. Slot per sample, -1 if dropped."""
+        grow = int(y.max()) + 1 - len(self.class_seen)
+        if grow > 0:
+            self.class_seen = np.concatenate([self.class_seen, np.zeros(grow, np.int64)])
+            self.full_classes = np.concatenate([self.full_classes, np.zeros(grow, bool)])
+        slots = np.full(len(y), -1, dtype=np.int64)
+        for i, c in enumerate(y.tolist()):
+            self.class_seen[c] += 1
+            self.seen += 1
+            if self.filled < self.capacity:
+                slots[i] = self.filled
+                self.filled += 1
+                self.y[slots[i]] = c
+                continue
+            counts = np.bincount(self.y[:self.filled], minlength=len(self.class_seen))
+            largest = counts == counts.max()
+            self.full_classes |= largest
+            if not self.full_classes[c]:
+                victims = np.flatnonzero(largest[self.y[:self.filled]])
+            elif self.rng.random() < counts[c] / self.class_seen[c]:
+                victims = np.flatnonzero(self.y[:self.filled] == c)
+            else:
+                continue
+            slots[i] = victims[int(self.rng.integers(len(victims)))]
+            self.y[slots[i]] = c
+        return slots
 
     def slots_for(self, n: int) -> np.ndarray:
         """Advance the reservoir over n new stream samples; slot per sample, -1 if dropped."""
@@ -45,7 +84,7 @@ class ReservoirBuffer:
         if self.capacity <= 0:
             self.seen += len(x)
             return
-        slots = self.slots_for(len(x))
+        slots = self.balanced_slots_for(y) if self.balanced else self.slots_for(len(x))
         keep = slots >= 0
         if not keep.any():
             return
@@ -80,7 +119,9 @@ class ReservoirBuffer:
                 "x": None if self.x is None else torch.from_numpy(self.x.copy()),
                 "y": torch.from_numpy(self.y.copy()),
                 "logits": torch.from_numpy(self.logits.copy()),
-                "logit_width": torch.from_numpy(self.logit_width.copy())}
+                "logit_width": torch.from_numpy(self.logit_width.copy()),
+                "class_seen": torch.from_numpy(self.class_seen.copy()),
+                "full_classes": torch.from_numpy(self.full_classes.copy())}
 
     def load_state_dict(self, state: dict) -> None:
         self.capacity = int(state["capacity"])
@@ -90,3 +131,6 @@ class ReservoirBuffer:
         self.y = state["y"].numpy().copy()
         self.logits = state["logits"].numpy().copy()
         self.logit_width = state["logit_width"].numpy().copy()
+        # checkpoints written before CBRS existed have no class counts: start them empty
+        self.class_seen = state.get("class_seen", torch.zeros(0, dtype=torch.int64)).numpy().copy()
+        self.full_classes = state.get("full_classes", torch.zeros(0, dtype=torch.bool)).numpy().copy()

@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.data import as_sample_array
-from edgecl.learn.buffer import ReservoirBuffer
+from edgecl.learn.buffer import BUFFER_POLICIES, ReservoirBuffer
 from edgecl.learn.metrics import PrequentialAccuracy
 from edgecl.learn.terms import TERMS, Step, Term
 from edgecl.models import (EdgeNet, TEACHERS, build_student, build_teacher, frozen_copy,
                            model_bytes)
 
 AUGMENTS = ("shift", "shift+flip", "none")
+STREAM_LOSSES = ("ce", "ace")
 
 
 @dataclass
@@ -47,6 +48,12 @@ class LearnerConfig:
     min_final_map: int = 4           # student stride rule: last feature map side, pixels
     stride_relax: str = "early"      # which stride-2 layers the rule relaxes: 'early' | 'late'
     bn_momentum: float = 0.1         # student BatchNorm running-statistics momentum
+    stream_loss: str = "ce"          # 'ce' | 'ace': ER-ACE's asymmetric CE on the stream batch
+    buffer_policy: str = "reservoir"  # 'reservoir' | 'balanced' (class-balanced, CBRS)
+    iterations: int = 1              # optimizer steps per incoming batch (fresh replay draws)
+    predict_in_eval: bool = False    # prequential guess from a separate eval-mode forward
+    logit_adjust: float = 0.0        # tau of the logit-adjusted softmax (0: off)
+    prior_decay: float = 0.99        # per step, of the running class prior it adjusts by
     channels_last: bool = True
     threads: int | None = None       # torch intra-op threads; None keeps torch's choice
 
@@ -93,6 +100,14 @@ class LearnerConfig:
             raise ValueError("stride_relax must be 'late' or 'early'")
         if not 0.0 < self.bn_momentum <= 1.0:
             raise ValueError("bn_momentum must be in (0, 1]")
+        if self.stream_loss not in STREAM_LOSSES:
+            raise ValueError(f"stream_loss must be one of {', '.join(STREAM_LOSSES)}")
+        if self.buffer_policy not in BUFFER_POLICIES:
+            raise ValueError(f"buffer_policy must be one of {', '.join(BUFFER_POLICIES)}")
+        if self.logit_adjust < 0 or not 0.0 <= self.prior_decay < 1.0:
+            raise ValueError("logit_adjust must be >= 0 and prior_decay in [0, 1)")
+        if self.iterations < 1:
+            raise ValueError("iterations must be >= 1")
         if self.consolidate_min_gap < 0:
             raise ValueError("consolidate_min_gap must be >= 0")
         if self.consolidate_every < 1:
@@ -121,7 +136,8 @@ class OnlineLearner:
         self.teacher: EdgeNet | None = None
         self.teacher_labels: list[Any] | None = None
         self.teacher_optimizer: torch.optim.Optimizer | None = None
-        self.buffer = ReservoirBuffer(config.buffer_size, self.rng)
+        self.buffer = ReservoirBuffer(config.buffer_size, self.rng,
+                                      balanced=config.buffer_policy == "balanced")
         self.terms: list[Term] = [TERMS[name](self, **config.terms.get(name, {}))
                                   for name in config.term_names()]
         # what the terms read beyond logits, gathered once: the default path asks for nothing
@@ -138,12 +154,15 @@ class OnlineLearner:
         self._step_seconds = 0.0
         self._steps_timed = 0
         self.last_consolidation = 0  # step of the last consolidation point
+        self.label_prior = torch.zeros(0)  # running share of each class in trained batches
         if config.teacher.startswith("frozen:"):
             self._load_frozen_teacher(config.teacher[len("frozen:"):])
 
     # ----------------------------------------------------------------- public API
     def learn_many(self, x, y: Sequence) -> dict:
-        """Predict the batch (prequential), then take one learning step on it."""
+        """Predict the batch (prequential), then learn it: `iterations` optimizer steps, each
+        with fresh replay draws. The prediction is the first step's own forward pass on the
+        batch (before any update), so it costs no second forward."""
         raw = self._check_inputs(x)
         if len(raw) == 0:
             raise ValueError("empty batch: nothing to learn")
@@ -152,9 +171,12 @@ class OnlineLearner:
         started = time.perf_counter()
         targets = self._encode_labels(y)
         xt = self._to_tensor(raw)
-        predicted = self._predict_indices(xt)
-        correct = self.prequential.update(targets, predicted)
-        loss = self._learn_step(raw, xt, targets)
+        early = self._predict_indices(xt) if self.config.predict_in_eval else None
+        loss, predicted = self._learn_step(raw, xt, targets, keep=True)
+        for _ in range(self.config.iterations - 1):
+            self._learn_step(raw, xt, targets, keep=False)
+        correct = self.prequential.update(targets, predicted if early is None else early)
+        self.samples_learned += len(raw)
         self._step_seconds += time.perf_counter() - started
         self._steps_timed += 1
         return {"n": len(raw), "correct": correct, "loss": loss}
@@ -314,12 +336,17 @@ class OnlineLearner:
             out = out.contiguous(memory_format=torch.channels_last)
         return out
 
-    def _learn_step(self, raw: np.ndarray, xt: torch.Tensor, targets: np.ndarray) -> float:
+    def _learn_step(self, raw: np.ndarray, xt: torch.Tensor, targets: np.ndarray,
+                    keep: bool) -> tuple[float, np.ndarray]:
+        """One optimizer step on the stream batch and the terms' replay draws. Returns the
+        loss and the argmax of the batch's pre-update logits; `keep` offers the batch to
+        the buffer (once per batch, however many iterations learn it)."""
         step = Step(index=self.steps, num_classes=len(self.labels))
         step.add("stream", xt, torch.from_numpy(targets))
         for term in self.terms:
             term.prepare(step, self.rng)
         step.seal()
+        step.label_shift = self._label_shift(step.y)
         if self.teacher is not None:
             step.teacher_logits = self._teacher_logits(step)
         if self.anchor is not None:
@@ -336,7 +363,9 @@ class OnlineLearner:
             step.logits, step.features = self.student(step.x, self.student_taps)
         else:
             step.logits = self.student(step.x)
-        loss = F.cross_entropy(step.logits_of("stream"), step.labels_of("stream"))
+        predicted = step.logits_of("stream").detach().argmax(dim=1).numpy()
+        loss = stream_cross_entropy(step.class_logits_of("stream"), step.labels_of("stream"),
+                                    self.config.stream_loss)
         for term in self.terms:
             extra = term.loss(step)
             if extra is not None:
@@ -353,17 +382,35 @@ class OnlineLearner:
             for term in self.terms:
                 term.after_backward(step)
             self.optimizer.step()
-            self.buffer.add(raw, targets, step.logits_of("stream").detach().numpy())
+            if keep:
+                self.buffer.add(raw, targets, step.logits_of("stream").detach().numpy())
         else:  # neither learned nor kept for replay: one bad batch must not poison the model
             self.optimizer.zero_grad(set_to_none=True)
             self.student.load_state_dict(bn_before, strict=False)
             self.skipped_steps += 1
         self.steps += 1
-        self.samples_learned += len(raw)
         self.last_loss = value
         if self.steps - self.last_consolidation >= self.config.consolidate_every:
             self._consolidate()
-        return value
+        return value, predicted
+
+    def _label_shift(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """tau * log(prior): the running share of each class among the labels of the batches
+        trained on (stream and replay), this step's included (Huang et al., "Online Continual
+        Learning via Logit Adjusted Softmax", TMLR 2024). The class of the current task is
+        most of every batch; its shifted logit must beat the others by more to lower the
+        loss, which cancels the recency bias of the head. Prediction uses raw logits."""
+        tau = self.config.logit_adjust
+        if not tau:
+            return None
+        n = len(self.labels)
+        if len(self.label_prior) < n:
+            self.label_prior = torch.cat([self.label_prior, torch.zeros(n - len(self.label_prior))])
+        share = torch.bincount(labels, minlength=n).float() / len(labels)
+        decay = self.config.prior_decay
+        self.label_prior = decay * self.label_prior + (1 - decay) * share
+        prior = self.label_prior / self.label_prior.sum()
+        return tau * torch.log(prior.clamp_min(1e-6))
 
     def _gradients_finite(self) -> bool:
         """A finite loss can still give an overflowing gradient (a huge lr, an extreme
@@ -447,6 +494,7 @@ class OnlineLearner:
             "counters": {"steps": self.steps, "samples_learned": self.samples_learned,
                          "skipped_steps": self.skipped_steps,
                          "last_consolidation": self.last_consolidation},
+            "label_prior": self.label_prior.clone(),
             "numpy_rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
         }
@@ -483,8 +531,21 @@ class OnlineLearner:
         self.samples_learned = counters["samples_learned"]
         self.skipped_steps = counters["skipped_steps"]
         self.last_consolidation = counters["last_consolidation"]
+        self.label_prior = state.get("label_prior", torch.zeros(0)).clone()
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
+
+
+def stream_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    """The incoming batch's loss. 'ce': over every class. 'ace' (ER-ACE, Caccia et al.
+    2022): only over the classes present in the batch, so a batch of a new class pulls its
+    own logits up without pushing every old class's down; replay terms keep their full CE,
+    and they are what separates old classes from new ones."""
+    if kind == "ace":
+        present = torch.zeros(logits.shape[1], dtype=torch.bool)
+        present[targets] = True
+        logits = logits.masked_fill(~present, float("-inf"))
+    return F.cross_entropy(logits, targets)
 
 
 def _union(groups) -> tuple[str, ...]:

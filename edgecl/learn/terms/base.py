@@ -40,6 +40,9 @@ class Step:
     anchor_features: dict[str, torch.Tensor] = field(default_factory=dict)  # no grad
     num_classes: int = 0
     index: int = 0  # global step counter
+    # tau * log(prior of each class in what the learner trains on): added to the logits of
+    # every cross-entropy (logit-adjusted softmax), None when the learner does not adjust
+    label_shift: torch.Tensor | None = None
 
     def add(self, name: str, x: torch.Tensor, y: torch.Tensor, **stored) -> None:
         start = sum(len(p) for p in self.x_parts)
@@ -56,6 +59,13 @@ class Step:
 
     def logits_of(self, name: str) -> torch.Tensor:
         return self.logits[self.parts[name].rows]
+
+    def class_logits_of(self, name: str) -> torch.Tensor:
+        """The logits a cross-entropy on part `name` should use: with logit adjustment on,
+        shifted by tau * log(training prior), so a class trained on more often (the new one)
+        does not win by frequency alone; otherwise the logits themselves."""
+        logits = self.logits_of(name)
+        return logits if self.label_shift is None else logits + self.label_shift
 
     def labels_of(self, name: str) -> torch.Tensor:
         return self.y[self.parts[name].rows]

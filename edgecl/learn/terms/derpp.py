@@ -11,21 +11,26 @@ class DERPP(DER):
     """DER++: `alpha * mean ||z' - f(x')||^2 + beta * CE(f(x''), y'')`.
 
     (x', z') and (x'', y'') are two independent reservoir draws, both augmented on draw.
-    The logit term compares only the classes that existed when z' was stored.
+    The logit term compares only the classes that existed when z' was stored. With
+    `shared_draw`, one draw serves both terms: a step trains on 2 x `draw` images
+    instead of 3 x `draw` (stream batch of `draw`), and each buffered sample is rehearsed
+    with its label and its logits at once.
     """
 
     name = "derpp"
     describe = "DER++: stored-logit matching plus cross-entropy on a second, independent draw"
-    defaults = {"alpha": 0.3, "beta": 0.8, "draw": 10}
+    defaults = {"alpha": 0.3, "beta": 0.8, "draw": 10, "shared_draw": False}
 
     def prepare(self, step: Step, rng) -> None:
         self.learner.draw_replay(step, "der", self.draw)
-        self.learner.draw_replay(step, "derpp", self.draw)
+        if not self.shared_draw:
+            self.learner.draw_replay(step, "derpp", self.draw)
 
     def loss(self, step: Step):
         if not step.has("der"):
             return None
         der = step.parts["der"]
         logit_term = masked_logit_mse(step.logits_of("der"), der.stored_logits, der.stored_width)
-        label_term = F.cross_entropy(step.logits_of("derpp"), step.labels_of("derpp"))
+        labelled = "der" if self.shared_draw else "derpp"
+        label_term = F.cross_entropy(step.class_logits_of(labelled), step.labels_of(labelled))
         return self.alpha * logit_term + self.beta * label_term

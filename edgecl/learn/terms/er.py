@@ -19,4 +19,4 @@ class ER(Term):
     def loss(self, step: Step):
         if not step.has("er"):
             return None
-        return self.weight * F.cross_entropy(step.logits_of("er"), step.labels_of("er"))
+        return self.weight * F.cross_entropy(step.class_logits_of("er"), step.labels_of("er"))

@@ -41,7 +41,16 @@ class EWCPP(ImportancePenalty):
     importance_store = "fisher"
     zero_padded = ("fisher",)
 
+    analytic_penalty = True  # RWalk, built on this class, keeps the penalty in the loss
+
+    def loss(self, step: Step):
+        """None: the penalty's gradient goes straight to .grad in `after_backward` (exactly
+        the gradient of `penalty()`), so the step's reported loss leaves it out."""
+        return None if self.analytic_penalty else super().loss(step)
+
     def after_backward(self, step: Step) -> None:
+        if self.analytic_penalty:
+            self.add_penalty_gradient()
         if step.index % self.fisher_every:
             return
         rows = step.parts["stream"].rows

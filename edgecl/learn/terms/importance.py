@@ -249,7 +249,9 @@ class ImportancePenalty(Term):
         noise) would turn the pull toward theta* into a push away from it."""
         return (self.lam * omega).clamp(min=0.0, max=self.max_stiffness)
 
-    def loss(self, step: Step):
+    def penalty(self) -> torch.Tensor | None:
+        """The penalty's value at today's parameters (with autograd), or None before the
+        first anchor."""
         omega = self.omega()
         if not self.anchor or not omega:
             return None
@@ -259,8 +261,32 @@ class ImportancePenalty(Term):
             if w is None:
                 continue
             total = total + (self.stiffness(w) * (p - self.anchor[name]).pow(2)).sum()
-        self.penalized_step = step.index
         return 0.5 * total
+
+    def loss(self, step: Step):
+        value = self.penalty()
+        if value is not None:
+            self.penalized_step = step.index
+        return value
+
+    def add_penalty_gradient(self) -> None:
+        """Add the penalty's exact gradient, `stiffness * (theta - theta*)`, to each
+        parameter's .grad in a few fused kernels: the same update as putting `penalty()` in
+        the loss, without an autograd graph over every parameter tensor (two fifths of a
+        small student's ops per step)."""
+        omega = self.omega()
+        if not self.anchor or not omega:
+            return
+        named = [(n, p) for n, p in self._params().items() if n in omega and p.grad is not None]
+        if not named:
+            return
+        stiff = torch._foreach_mul([omega[n] for n, _ in named], float(self.lam))
+        torch._foreach_clamp_min_(stiff, 0.0)  # as `stiffness`: within [0, 1/lr]
+        torch._foreach_clamp_max_(stiff, self.max_stiffness)
+        diff = torch._foreach_sub([p.detach() for _, p in named],
+                                  [self.anchor[n] for n, _ in named])
+        torch._foreach_mul_(diff, stiff)
+        torch._foreach_add_([p.grad for _, p in named], diff)
 
     def set_anchor(self) -> None:
         self.anchor = {k: v.detach().clone() for k, v in self._params().items()}

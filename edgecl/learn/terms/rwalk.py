@@ -47,6 +47,8 @@ class RWalk(FollowsPath, EWCPP):
         return {name: self.fisher[name] / f_max + self.score[name].clamp_min(0) / s_max
                 for name in self.fisher}
 
+    analytic_penalty = False  # its path integral reads whether the loss held the penalty
+
     def after_backward(self, step: Step) -> None:
         self.record_path(step)  # first: this step's penalty used the Fisher before the update
         super().after_backward(step)

@@ -1,0 +1,172 @@
+"""The robustness protocol: candidate learner configurations on random class orders and cuts.
+
+Every candidate runs `edgecl bench split-mnist`'s `run_split_mnist` on K random orders (each a
+random pairing of the ten digits with its own random 400/100 per-class cut) x seeds, one pass,
+task-free, batch 10, one torch thread per run and `--jobs` runs at once. Shifts run the same
+candidates on a short stream (100 training digits per class), on 8x8 and 14x14 inputs, on a
+short 8x8 stream, and (`iid`) on the short 8x8 samples shuffled into one class-free pass,
+the bound beside it. Each run's result is kept in bench-results/protocol/ and reused, so the
+command can be stopped and resumed; `--render` prints the frontier table (accuracy mean and
+worst run against samples per CPU-second) and `--plot PATH` draws it.
+
+    .venv/bin/python benchmarks/protocol.py --candidates default,er --orders 5 --seeds 0,1,2
+    .venv/bin/python benchmarks/protocol.py --shift short8 --candidates default --orders 5
+    .venv/bin/python benchmarks/protocol.py --render [--plot docs/frontier.png]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+from edgecl.bench import run_each
+
+OUT = Path("bench-results/protocol")
+OLD_DEFAULT = dict(method="derpp+ewcpp", predict_in_eval=True)
+CANDIDATES = {
+    # name: (method, LearnerConfig overrides); buffer comes from --buffer
+    "old-default": OLD_DEFAULT,
+    "er": dict(method="er", predict_in_eval=True),
+    "er-ace": dict(method="er", stream_loss="ace"),
+    "derpp+ewcpp": dict(method="derpp+ewcpp"),
+    "derpp+ewcpp/ace": dict(method="derpp+ewcpp", stream_loss="ace"),
+    "derpp+ewcpp/shared": dict(method="derpp+ewcpp", terms={"derpp": {"shared_draw": True}}),
+    "derpp+ewcpp/ace/shared": dict(method="derpp+ewcpp", stream_loss="ace",
+                                   terms={"derpp": {"shared_draw": True}}),
+    "derpp+ewcpp/ace/cbrs": dict(method="derpp+ewcpp", stream_loss="ace",
+                                 buffer_policy="balanced"),
+    "derpp+ewcpp/ace/bn0.6": dict(method="derpp+ewcpp", stream_loss="ace", bn_momentum=0.6),
+    "derpp+ewcpp/ace/iter2": dict(method="derpp+ewcpp", stream_loss="ace", iterations=2),
+    "derpp+ewcpp/la": dict(method="derpp+ewcpp", logit_adjust=1.0),
+    "derpp+ewcpp/shared/la": dict(method="derpp+ewcpp", logit_adjust=1.0,
+                                  terms={"derpp": {"shared_draw": True}}),
+    "derpp+ewcpp/iter2": dict(method="derpp+ewcpp", iterations=2),
+    "derpp+ewcpp/la/iter2": dict(method="derpp+ewcpp", logit_adjust=1.0, iterations=2),
+    "er/la": dict(method="er", logit_adjust=1.0),
+}
+SHIFTS = {
+    "base": {},
+    "short": {"train_per_class": 100},
+    "size14": {"size": 14},
+    "size8": {"size": 8},
+    "short8": {"train_per_class": 100, "size": 8},
+    "short8-iid": {"train_per_class": 100, "size": 8, "iid": True},
+}
+
+
+def run_key(candidate: str, buffer: int, shift: str, order: int, seed: int) -> Path:
+    safe = candidate.replace("/", "_").replace("+", "p")
+    return OUT / f"{safe}__b{buffer}__{shift}__o{order}__s{seed}.json"
+
+
+def pending_runs(candidates, buffer, shift, orders, seeds):
+    for name in candidates:
+        config = dict(CANDIDATES[name])
+        for order in orders:
+            for seed in seeds:
+                path = run_key(name, buffer, shift, order, seed)
+                if not path.exists():
+                    yield path, dict(buffer=buffer, seed=seed, order=order, threads=1,
+                                     **SHIFTS[shift], **config), name
+
+
+def run(candidates, buffer, shift, orders, seeds, jobs) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    todo = list(pending_runs(candidates, buffer, shift, orders, seeds))
+    where = {json.dumps(kw, sort_keys=True): (path, name) for path, kw, name in todo}
+    print(f"{len(todo)} runs to do, {jobs} at a time", file=sys.stderr)
+    for kwargs, result in run_each([kw for _, kw, _ in todo], jobs):
+        path, name = where[json.dumps(kwargs, sort_keys=True)]
+        result.update(candidate=name, shift=shift, load_average=os.getloadavg())
+        path.write_text(json.dumps(result))
+        print(f"{name} {shift} b{buffer} order {kwargs['order']} seed {kwargs['seed']}: "
+              f"{result['final_acc']:.1f} %", file=sys.stderr, flush=True)
+
+
+def load_results() -> dict:
+    groups: dict[tuple, list] = {}
+    for path in sorted(OUT.glob("*.json")):
+        r = json.loads(path.read_text())
+        groups.setdefault((r["candidate"], r["buffer"], r["shift"]), []).append(r)
+    return groups
+
+
+def summary_row(runs: list[dict]) -> dict:
+    accs = [r["final_acc"] for r in runs]
+    return {"n": len(runs), "mean": statistics.mean(accs),
+            "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0, "worst": min(accs),
+            "cpu_rate": statistics.mean(r["samples_per_cpu_s"] for r in runs),
+            "orders": len({r["order"] for r in runs}), "seeds": len({r["seed"] for r in runs})}
+
+
+def render(shift_filter: str | None = None) -> str:
+    lines = ["| candidate | buffer | stream | runs (orders x seeds) | Class-IL mean ± sd % | "
+             "worst run % | samples per CPU-s (1 thread) |", "|" + "---|" * 7]
+    for (name, buffer, shift), runs in sorted(load_results().items(),
+                                             key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
+        if shift_filter and shift != shift_filter:
+            continue
+        s = summary_row(runs)
+        lines.append(f"| {name} | {buffer} | {shift} | {s['n']} ({s['orders']} x {s['seeds']}) "
+                     f"| {s['mean']:.1f} ± {s['sd']:.1f} | {s['worst']:.1f} | "
+                     f"{s['cpu_rate']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(path: str) -> None:
+    """Frontier: mean (dot) and worst run (cross) against speed, base stream, per buffer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (name, buffer, shift), runs in sorted(load_results().items()):
+        if shift != "base":
+            continue
+        s = summary_row(runs)
+        color = "tab:blue" if buffer == 200 else "tab:orange"
+        ax.plot(s["cpu_rate"], s["mean"], "o", color=color)
+        ax.plot(s["cpu_rate"], s["worst"], "x", color=color)
+        ax.annotate(f"{name} ({buffer})", (s["cpu_rate"], s["mean"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("stream samples per CPU-second (1 thread)")
+    ax.set_ylabel("final Class-IL accuracy % (o mean, x worst run)")
+    ax.set_title("Split-MNIST robustness protocol: random orders and cuts")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", default="old-default,derpp+ewcpp")
+    parser.add_argument("--buffer", type=int, default=200)
+    parser.add_argument("--shift", default="base", choices=sorted(SHIFTS))
+    parser.add_argument("--orders", default="5", help="K (orders 1..K) or a list like 1,2,3")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--render", action="store_true", help="only print the table")
+    parser.add_argument("--plot", metavar="PNG")
+    args = parser.parse_args()
+    orders = ([int(o) for o in args.orders.split(",")] if "," in args.orders
+              else list(range(1, int(args.orders) + 1)))
+    names = [c.strip() for c in args.candidates.split(",")]
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        raise SystemExit(f"unknown candidate(s) {unknown}; known: {', '.join(CANDIDATES)}")
+    if not args.render:
+        run(names, args.buffer, args.shift, orders, [int(s) for s in args.seeds.split(",")],
+            args.jobs)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; load average now "
+          f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(render())
+    if args.plot:
+        plot(args.plot)
+
+
+if __name__ == "__main__":
+    main()
