@@ -186,3 +186,53 @@ def test_journal_and_checkpoint_settings_are_checked():
     config.checkpoints.every_s = -1.0
     with pytest.raises(UserError, match="checkpoints.every_s: must be >= 0"):
         config.check()
+
+
+def test_duplicates_counted_after_the_last_checkpoint_survive_a_crash(tmp_path, run_daemons,
+                                                                      monkeypatch):
+    """samples_duplicate lived only in checkpoints: a crash before the next one lost it
+    (20 pushes answered duplicate, 0 in status after the restart)."""
+    first = run_daemons(durable_config(tmp_path))
+    assert raw_request(first.address, *push_frames(DIGITS[:4], LABELS[:4], seq=1))["ok"]
+    drained(first)
+    first.keeper.save()
+    # from here on no checkpoint is written, as when SIGKILL comes before the next one
+    monkeypatch.setattr(type(first.keeper), "save", lambda self: None)
+    for _ in range(5):
+        reply = raw_request(first.address, *push_frames(DIGITS[:4], LABELS[:4], seq=1))
+        assert reply["duplicate"] is True
+    assert get_status(first.address)["samples_duplicate"] == 20
+    stop(first)
+    monkeypatch.undo()
+    second = run_daemons(durable_config(tmp_path))
+    assert second.status()["checkpoint"]["restored_from"] is not None
+    assert get_status(second.address)["samples_duplicate"] == 20
+    assert raw_request(second.address, *push_frames(DIGITS[:4], LABELS[:4], seq=1))["duplicate"]
+    assert get_status(second.address)["samples_duplicate"] == 24
+
+
+def test_a_restart_on_a_full_disk_is_a_one_line_error_and_rewrites_nothing(tmp_path,
+                                                                           monkeypatch):
+    """input_spec.json was rewritten at every start: ENOSPC, a 22-line traceback, exit 1."""
+    config = durable_config(tmp_path)
+    config.input.channels, config.input.height, config.input.width = 1, 8, 8
+    daemon = Daemon(config).start()
+    assert raw_request(daemon.address, *push_frames(DIGITS[:4], LABELS[:4], seq=1))["ok"]
+    stop(daemon)
+    spec_file = tmp_path / "state" / "input_spec.json"
+    written = spec_file.stat().st_mtime_ns
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    monkeypatch.setattr(journal_mod, "_write_all", disk_full)
+    with pytest.raises(UserError, match="No space left on device") as caught:
+        Daemon(config)
+    assert "\n" not in str(caught.value) and "journal" in str(caught.value)
+    assert spec_file.stat().st_mtime_ns == written
+    monkeypatch.undo()
+    again = Daemon(config).start()   # the disk has room again: starts as before
+    assert get_status(again.address)["samples_received"] == 4
+    stop(again)

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from edgecl.errors import UserError
 from edgecl.export.snapshots import TMP_PREFIX, write_atomic
-from edgecl.serve.journal import Journal
+from edgecl.serve.journal import DurableCounter, Journal
 from edgecl.serve.queue import Batch, SeenSequences
 
 log = logging.getLogger("edgecl.checkpoints")
@@ -46,6 +46,7 @@ SUFFIX = ".ckpt"
 KEEP = 2
 FORMAT = 1
 LOCK_FILE = "LOCK"
+DUPLICATES_FILE = "samples_duplicate"
 
 
 class CheckpointDamaged(Exception):
@@ -147,6 +148,8 @@ class StateKeeper:
         except OSError as exc:
             raise UserError(f"cannot use {daemon.state_dir / 'checkpoints'}: "
                             f"{exc.strerror or exc}") from None
+        self.duplicates = DurableCounter(daemon.state_dir / DUPLICATES_FILE,
+                                         fsync=journal.fsync == "batch")
         self._parts: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
         self._saved_parts: dict = {}
         # Learner thread's record of what it consumed: covered offset, dedup, batch count.
@@ -177,6 +180,8 @@ class StateKeeper:
             if hasattr(daemon, "note_classes"):
                 daemon.note_classes(record.labels)
         daemon._next_offset = next_offset
+        # counted at every duplicate, so newer than the checkpoint's copy (if the file exists)
+        daemon.samples_duplicate = max(daemon.samples_duplicate, self.duplicates.value)
         daemon.samples_received = next_offset
         daemon.batches_received = self.batches_covered + len(records)
         self.replay_end = next_offset
@@ -321,8 +326,13 @@ class StateKeeper:
     def _publish(self) -> None:
         self.daemon.update_status(checkpoint=dict(self.status))
 
+    def note_duplicates(self, total: int) -> None:
+        """The socket loop answered a duplicate: keep the new total on disk before the ack."""
+        self.duplicates.set(total)
+
     def close(self) -> None:
         self.journal.close()
+        self.duplicates.close()
         self._lock_file.close()
 
 

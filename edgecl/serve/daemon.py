@@ -49,8 +49,9 @@ from edgecl.security import server_curve
 from edgecl.serve.checkpoints import StateKeeper
 from edgecl.serve.journal import Journal, StorageError
 from edgecl.serve.queue import Batch, IngestQueue, SeenSequences
-from edgecl.wire import (PROTOCOL_VERSION, ErrorCode, InputSpec, WireError, decode_push,
-                         error_reply, ok_reply, pack, unpack_header)
+from edgecl.wire import (PROTOCOL_VERSION, ErrorCode, InputSpec, WireError, check_frames,
+                         check_header, decode_header, decode_push, error_reply, ok_reply,
+                         pack, request_rid, show_value)
 
 log = logging.getLogger("edgecl.serve")
 
@@ -143,7 +144,11 @@ class Daemon:
                                journal.fsync_interval_ms, journal.segment_bytes)
         self.keeper = StateKeeper(self, self.journal, config.checkpoints.every_steps,
                                   config.checkpoints.every_s)
-        self.keeper.restore()
+        try:
+            self.keeper.restore()
+        except BaseException:  # e.g. a full disk: free the state dir's lock for a retry
+            self.keeper.close()
+            raise
         for name in ATTACHMENTS:
             importlib.import_module(name).attach(self)
         self.keeper.restore_parts()
@@ -398,30 +403,29 @@ class Daemon:
             envelope, body = frames[:1], frames[1:]
         header: dict = {}
         try:
-            if not 1 <= len(body) <= 2:
-                raise WireError(ErrorCode.BAD_REQUEST,
-                                f"expected a header frame and at most one payload frame, "
-                                f"got {len(body)} frames")
+            if not body:
+                raise WireError(ErrorCode.BAD_REQUEST, "expected a header frame, got none")
             serve = self.config.serve
-            header = unpack_header(body[0].bytes, max_bytes=serve.max_header_bytes,
+            header = decode_header(body[0].bytes, max_bytes=serve.max_header_bytes,
                                    max_depth=serve.max_header_depth)
-            payload = body[1].buffer if len(body) == 2 else None
+            header = check_header(header)
             op = header["op"]
+            if op != "push" and op not in self._ops:
+                raise WireError(ErrorCode.UNKNOWN_OP,
+                                f"unknown op {show_value(op)}; this daemon serves "
+                                f"{', '.join(sorted(['push', *self._ops]))}")
+            check_frames(op, len(body))  # after the header: even this error echoes rid
+            payload = body[1].buffer if len(body) == 2 else None
             if op == "push":
                 reply = self._op_push(header, payload)
-            elif op in self._ops:
+            else:
                 fields = self._ops[op](header, payload)
                 if fields is None and op in self._long_poll_ops:
-                    wait_ms = header.get("wait_ms")
-                    wait_ms = wait_ms if type(wait_ms) is int and wait_ms > 0 else 0
+                    wait_ms = header.get("wait_ms") or 0
                     deadline = time.monotonic() + min(wait_ms, MAX_LONG_POLL_MS) / 1000
                     self._parked.append((deadline, envelope, header, payload))
                     return
                 reply = ok_reply(header.get("rid"), **(fields or {}))
-            else:
-                raise WireError(ErrorCode.UNKNOWN_OP,
-                                f"unknown op {op!r}; this daemon serves "
-                                f"{', '.join(sorted(['push', *self._ops]))}")
         except WireError as exc:
             self.refused[exc.code] += 1
             reply = self._error(header, exc.code, exc.message)
@@ -460,8 +464,7 @@ class Daemon:
         seq = header.get("seq")
         if type(seq) is int:
             fields["seq"] = seq
-        rid = header.get("rid") if isinstance(header, dict) else None
-        return error_reply(code, message, rid, **fields)
+        return error_reply(code, message, request_rid(header), **fields)
 
     def _op_ping(self, header: dict, payload) -> dict:
         return {"op": "pong", "protocol": PROTOCOL_VERSION, "version": __version__,
@@ -480,6 +483,7 @@ class Daemon:
         if previous is not None:
             first, n = previous
             self.samples_duplicate += n
+            self.keeper.note_duplicates(self.samples_duplicate)
             return ok_reply(rid, seq=request.seq, n=n, range=[first, first + n],
                             duplicate=True, credit=self._credit(request.x.nbytes))
         if not self.accepting:
@@ -576,13 +580,20 @@ class Daemon:
                             f"{recorded.as_dict()} recorded in {path}; use another --state-dir "
                             "or delete that file")
         spec = configured or recorded
-        if spec is not None:
-            self._write_spec(spec)
+        if spec is not None and spec != recorded:
+            try:
+                self._write_spec(spec)
+            except OSError as exc:
+                raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
         return spec
 
     def _fix_spec(self, spec: InputSpec) -> None:
         self.spec = spec
-        self._write_spec(spec)
+        try:
+            self._write_spec(spec)
+        except OSError as exc:  # the push is already journaled and acked: keep serving
+            log.error("cannot record the input spec in %s (%s); it holds for this run",
+                      self.state_dir / SPEC_FILE, exc.strerror or exc)
         log.info("input spec fixed by the first push: %s", spec.as_dict())
 
     def _write_spec(self, spec: InputSpec) -> None:
