@@ -33,6 +33,8 @@ class ServeConfig:
     state_dir: str = ""              # journal, checkpoints, snapshots, input spec. Unset:
                                      # $STATE_DIRECTORY (systemd) if set, else ./state
     metrics_port: int = 0            # Prometheus /metrics on this port; 0 = off
+    metrics_bind: str = "127.0.0.1"  # address /metrics listens on: plain HTTP, no auth, so
+                                     # this box only unless an address is given
     queue_mb: float = 64.0           # bound on accepted-but-unlearned samples, in MiB
     credit_window: int = 8           # most pushes one client may have unacknowledged
     max_batch: int = 4096            # most samples in one push
@@ -68,8 +70,10 @@ class ServeConfig:
                 raise UserError(f"serve.{key}: must be positive, got {getattr(self, key)}")
         if self.retry_after_ms < 0:
             raise UserError(f"serve.retry_after_ms: must be >= 0, got {self.retry_after_ms}")
-        if not self.bind:
-            raise UserError("serve.bind: must be an address such as 0.0.0.0 or 127.0.0.1")
+        for key in ("bind", "metrics_bind"):
+            if not getattr(self, key):
+                raise UserError(f"serve.{key}: must be an address such as 0.0.0.0 or "
+                                "127.0.0.1")
         if bool(self.curve_secret) != bool(self.allow_clients):
             raise UserError("serve.curve_secret and serve.allow_clients go together: give both "
                             "(--curve-secret KEYFILE --allow-clients DIR) or neither")

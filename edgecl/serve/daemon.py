@@ -237,11 +237,12 @@ class Daemon:
         self._router, self._pub = router, pub
         if serve.metrics_port:
             from edgecl.serve.metrics import start_metrics_server
-            self._metrics_server = start_metrics_server(serve.metrics_port, serve.bind,
+            self._metrics_server = start_metrics_server(serve.metrics_port, serve.metrics_bind,
                                                         self.status)
         log.info("listening on tcp://%s:%d (requests), tcp://%s:%d (announcements)%s",
                  serve.bind, self.port, serve.bind, self.pub_port,
-                 f", metrics on :{serve.metrics_port}" if serve.metrics_port else "")
+                 f", metrics on http://{serve.metrics_bind}:{serve.metrics_port}/metrics"
+                 if serve.metrics_port else "")
         if self.curve is not None:
             log.info("CURVE on: encrypted, admitting the %d client keys in %s",
                      len(self.curve.allowed), self.curve.allowed_dir)
