@@ -36,6 +36,7 @@ class ErrorCode:
     BAD_REQUEST = "bad_request"      # not a msgpack map, wrong frame count, missing/ill-typed field
     BAD_VERSION = "bad_version"      # header "v" missing or not PROTOCOL_VERSION
     UNKNOWN_OP = "unknown_op"        # "op" is not one the daemon serves
+    FORBIDDEN = "forbidden"          # the client's CURVE key lacks the role this op needs
     BAD_SHAPE = "bad_shape"          # shape not [N, C, H, W], payload size mismatch, or spec mismatch
     BAD_DTYPE = "bad_dtype"          # dtype not in DTYPES, or not the daemon's input dtype
     BAD_VALUE = "bad_value"          # float32 sample outside [0, 1] or not finite
@@ -48,7 +49,7 @@ class ErrorCode:
     STORAGE = "storage"              # the journal could not be written (disk full, unwritable)
     INTERNAL = "internal"            # a fault in edgecl itself; the daemon logged a traceback
 
-    ALL = (BAD_REQUEST, BAD_VERSION, UNKNOWN_OP, BAD_SHAPE, BAD_DTYPE, BAD_VALUE, BAD_LABEL,
+    ALL = (BAD_REQUEST, BAD_VERSION, UNKNOWN_OP, FORBIDDEN, BAD_SHAPE, BAD_DTYPE, BAD_VALUE, BAD_LABEL,
            TOO_LARGE, TOO_MANY_CLASSES, BUSY, SHUTTING_DOWN, NOT_FOUND, STORAGE, INTERNAL)
     RETRYABLE = (BUSY, SHUTTING_DOWN)
 

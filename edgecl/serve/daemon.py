@@ -45,7 +45,7 @@ import zmq
 from edgecl import __version__
 from edgecl.config import Config, resolve_state_dir
 from edgecl.errors import UserError
-from edgecl.security import server_curve
+from edgecl.security import ROLES, server_curve
 from edgecl.serve.checkpoints import StateKeeper
 from edgecl.serve.journal import Journal, StorageError
 from edgecl.serve.queue import Batch, IngestQueue, SeenSequences
@@ -214,7 +214,7 @@ class Daemon:
         for sock in (router, pub):
             sock.setsockopt(zmq.LINGER, 0)
             if self.curve is not None:
-                self.curve.apply(sock)
+                self.curve.apply(sock, announcements=sock is pub)
         # A hard guard against memory exhaustion; pushes up to max_push_bytes get a proper
         # too_large reply, only absurd messages are dropped by ZeroMQ (the peer is disconnected).
         router.setsockopt(zmq.MAXMSGSIZE, 4 * serve.max_push_bytes + 2**20)
@@ -416,6 +416,8 @@ class Daemon:
                                 f"unknown op {show_value(op)}; this daemon serves "
                                 f"{', '.join(sorted(['push', *self._ops]))}")
             check_frames(op, len(body))  # after the header: even this error echoes rid
+            if self.curve is not None:
+                self.curve.authorize(op, body[0])  # the sending key's role (docs/security.md)
             payload = body[1].buffer if len(body) == 2 else None
             if op == "push":
                 reply = self._op_push(header, payload)
@@ -743,6 +745,8 @@ class Daemon:
             "learner_error": learner_error,
             "curve": self.curve is not None,
             "curve_refused": self.curve.refused if self.curve is not None else 0,
+            "refused_by_role": (dict(self.curve.refused_by_role) if self.curve is not None
+                                else {role: 0 for role in ROLES}),
         }
         status.update(extra)
         status["journal"] = self.journal.stats()
