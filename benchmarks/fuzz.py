@@ -82,7 +82,23 @@ def main() -> int:
         daemon.stop()
         daemon.join(60)
 
-    out = {
+    out = report(run, elapsed, load_at_start, failure, status, counted, alive, client, after,
+                 rss, peak)
+    print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    ok = (not failure and not run.mismatches and out["internal"] == 0
+          and out["exactly_one_reply"] == run.sent and out["status_counts_match"] and alive
+          and out["accepted_during_fuzz"] == 0 and after["samples_learned"] == 400)
+    print("every message answered once with its code, 0 internal; valid traffic learned"
+          if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def report(run, elapsed, load_at_start, failure, status, counted, alive, client, after, rss,
+           peak) -> dict:
+    """The run's figures as printed and saved (--json)."""
+    return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
                    f"{platform.python_version()}, {platform.system()}",
         "threads": 1, "load_avg_1m_at_start": load_at_start,
@@ -101,15 +117,6 @@ def main() -> int:
                         "learned": after["samples_learned"], "failed": after["samples_failed"]},
         "rss_mib": {"start": round(rss.start_rss / 2**20, 1), "peak": round(peak / 2**20, 1)},
     }
-    print(json.dumps(out, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    ok = (not failure and not run.mismatches and out["internal"] == 0
-          and out["exactly_one_reply"] == run.sent and out["status_counts_match"] and alive
-          and out["accepted_during_fuzz"] == 0 and after["samples_learned"] == 400)
-    print("every message answered once with its code, 0 internal; valid traffic learned"
-          if ok else "FAILED")
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -315,7 +315,15 @@ class StateKeeper:
 
     def restore(self) -> None:
         """Newest whole checkpoint into the learner and the daemon's counters and dedup
-        record, then the journal's later records into dedup and offsets."""
+        record, then the journal's later records into dedup and offsets. On failure (a full
+        disk, ...) the state directory's lock is freed, so a retry in this process can run."""
+        try:
+            self._restore()
+        except BaseException:
+            self.close()
+            raise
+
+    def _restore(self) -> None:
         daemon = self.daemon
         loaded = self.store.load_newest()
         if loaded is not None:

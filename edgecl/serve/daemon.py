@@ -144,11 +144,7 @@ class Daemon:
                                journal.fsync_interval_ms, journal.segment_bytes)
         self.keeper = StateKeeper(self, self.journal, config.checkpoints.every_steps,
                                   config.checkpoints.every_s)
-        try:
-            self.keeper.restore()
-        except BaseException:  # e.g. a full disk: free the state dir's lock for a retry
-            self.keeper.close()
-            raise
+        self.keeper.restore()
         for name in ATTACHMENTS:
             importlib.import_module(name).attach(self)
         self.keeper.restore_parts()
