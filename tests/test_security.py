@@ -326,3 +326,13 @@ def test_role_directories_without_a_server_key_are_refused():
     config.serve.allow_sensors = "/somewhere"
     with pytest.raises(UserError, match="go together"):
         config.check()
+
+
+def test_status_text_shows_refusals_by_role(tmp_path, role_keys, run_daemons):
+    from edgecl.serve.commands import format_status
+    keydir, dirs = role_keys
+    daemon = run_daemons(role_config(tmp_path, keydir, dirs))
+    assert _request(daemon.address, as_client(keydir, "sensor"), "snapshot.rollback") == \
+        "forbidden"
+    text = format_status(get_status(daemon.address, curve=as_client(keydir, "admin")))
+    assert "forbidden by role: sensor 1" in text
