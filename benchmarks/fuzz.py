@@ -1,9 +1,10 @@
 """Fuzz: many generated malformed requests at one daemon, then valid traffic. Prints how many
-were sent, the codes they got, any wrong or missing answer, whether `status` counted each
-refusal, whether the valid samples that followed were learned, and the process's RSS.
+were sent, how many got exactly one reply, how many got `internal` (target: 0), the codes
+they got, any wrong answer or unechoed rid, whether `status` counted each refusal, whether
+the valid samples that followed were learned, and the process's RSS.
 
-    .venv/bin/python benchmarks/fuzz.py                       # 20,000 messages
-    .venv/bin/python benchmarks/fuzz.py --messages 100000 --seed 7
+    .venv/bin/python benchmarks/fuzz.py                       # 100,000 messages
+    .venv/bin/python benchmarks/fuzz.py --messages 20000 --seed 7
 
 The generator is tests/fuzz_messages.py (tests/test_fuzz.py sends 2,000 of them in the test
 suite). The daemon runs in this process, in its own threads, configured by fuzz_config().
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
@@ -38,11 +39,12 @@ def main() -> int:
 
     from edgecl.client import SensorClient, get_status
     from edgecl.serve.daemon import Daemon
-    from fuzz_messages import SHAPE, FuzzRun, fuzz_config, malformed
+    from fuzz_messages import SHAPE, FuzzRun, fuzz_config, malformed, publish_fake_snapshot
     from load_sensors import RssSampler, wait_until
 
     with tempfile.TemporaryDirectory() as state:
         daemon = Daemon(fuzz_config(state)).start()
+        publish_fake_snapshot(daemon)  # so chunk requests reach the file reads
         rss = RssSampler()
         before = get_status(daemon.address)["refused"]
         run = FuzzRun(daemon.address)
@@ -55,6 +57,7 @@ def main() -> int:
             frames, expected = message
             run.send(frames, expected)
 
+        load_at_start = round(os.getloadavg()[0], 2)
         started = time.monotonic()
         failure = None
         try:
@@ -79,10 +82,31 @@ def main() -> int:
         daemon.stop()
         daemon.join(60)
 
-    out = {
+    out = report(run, elapsed, load_at_start, failure, status, counted, alive, client, after,
+                 rss, peak)
+    print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    ok = (not failure and not run.mismatches and out["internal"] == 0
+          and out["exactly_one_reply"] == run.sent and out["status_counts_match"] and alive
+          and out["accepted_during_fuzz"] == 0 and after["samples_learned"] == 400)
+    print("every message answered once with its code, 0 internal; valid traffic learned"
+          if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def report(run, elapsed, load_at_start, failure, status, counted, alive, client, after, rss,
+           peak) -> dict:
+    """The run's figures as printed and saved (--json)."""
+    return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
                    f"{platform.python_version()}, {platform.system()}",
+        "threads": 1, "load_avg_1m_at_start": load_at_start,
+        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
         "messages": run.sent, "seconds": round(elapsed, 1),
+        "exactly_one_reply": run.sent - run.unanswered - run.extra_replies,
+        "no_reply": run.unanswered, "more_than_one_reply": run.extra_replies,
+        "internal": run.codes.get("internal", 0),
         "per_s": round(run.sent / elapsed), "codes": dict(run.codes.most_common()),
         "wrong_codes": len(run.mismatches), "examples_of_wrong": run.mismatches[:5],
         "failure": failure,
@@ -93,13 +117,6 @@ def main() -> int:
                         "learned": after["samples_learned"], "failed": after["samples_failed"]},
         "rss_mib": {"start": round(rss.start_rss / 2**20, 1), "peak": round(peak / 2**20, 1)},
     }
-    print(json.dumps(out, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    ok = (not failure and not run.mismatches and out["status_counts_match"] and alive
-          and out["accepted_during_fuzz"] == 0 and after["samples_learned"] == 400)
-    print("every message answered with its code; valid traffic learned" if ok else "FAILED")
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ class ServeConfig:
     state_dir: str = ""              # journal, checkpoints, snapshots, input spec. Unset:
                                      # $STATE_DIRECTORY (systemd) if set, else ./state
     metrics_port: int = 0            # Prometheus /metrics on this port; 0 = off
+    metrics_bind: str = "127.0.0.1"  # address /metrics listens on: plain HTTP, no auth, so
+                                     # this box only unless an address is given
     queue_mb: float = 64.0           # bound on accepted-but-unlearned samples, in MiB
     credit_window: int = 8           # most pushes one client may have unacknowledged
     max_batch: int = 4096            # most samples in one push
@@ -51,7 +53,11 @@ class ServeConfig:
     max_classes: int = 1000          # most distinct labels; a push adding more: too_many_classes
     # CURVE (docs/security.md): encryption, and only listed clients get in. Both or neither.
     curve_secret: str = ""           # the daemon's key pair file (`edgecl keygen`: *.key_secret)
-    allow_clients: str = ""          # directory of admitted clients' public keys (*.key)
+    allow_clients: str = ""          # directory of admitted clients' public keys (*.key),
+                                     # each with every role (a warning says so)
+    allow_sensors: str = ""          # directory of keys that may push only
+    allow_devices: str = ""          # ... that may pull snapshots and hear announcements
+    allow_admins: str = ""           # ... that may export, roll back and read status
     require_curve: bool = False      # refuse to start without curve_secret and allow_clients
 
     def check(self) -> None:
@@ -68,11 +74,16 @@ class ServeConfig:
                 raise UserError(f"serve.{key}: must be positive, got {getattr(self, key)}")
         if self.retry_after_ms < 0:
             raise UserError(f"serve.retry_after_ms: must be >= 0, got {self.retry_after_ms}")
-        if not self.bind:
-            raise UserError("serve.bind: must be an address such as 0.0.0.0 or 127.0.0.1")
-        if bool(self.curve_secret) != bool(self.allow_clients):
-            raise UserError("serve.curve_secret and serve.allow_clients go together: give both "
-                            "(--curve-secret KEYFILE --allow-clients DIR) or neither")
+        for key in ("bind", "metrics_bind"):
+            if not getattr(self, key):
+                raise UserError(f"serve.{key}: must be an address such as 0.0.0.0 or "
+                                "127.0.0.1")
+        key_dirs = (self.allow_clients, self.allow_sensors, self.allow_devices,
+                    self.allow_admins)
+        if bool(self.curve_secret) != any(key_dirs):
+            raise UserError("serve.curve_secret and the client key directories go together: "
+                            "give --curve-secret KEYFILE with --allow-clients DIR (every role) "
+                            "or --allow-sensors / --allow-devices / --allow-admins, or none")
         if self.require_curve and not self.curve_secret:
             raise UserError("serve.require_curve is set but CURVE is not configured: give "
                             "--curve-secret KEYFILE --allow-clients DIR (see `edgecl keygen`)")

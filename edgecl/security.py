@@ -27,6 +27,7 @@ import zmq.auth
 from zmq.utils import z85
 
 from edgecl.errors import UserError
+from edgecl.wire import ErrorCode, WireError
 
 log = logging.getLogger("edgecl.security")
 
@@ -35,6 +36,16 @@ PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_LOGGED_STRANGERS = 100  # distinct refused keys logged; beyond that only counted
+
+# Roles (docs/security.md): what a client key may ask for. A key listed in several role
+# directories has every role it is listed for; `serve.allow_clients` gives all three.
+ROLES = ("sensor", "device", "admin")
+OP_ROLES = {"push": "sensor",
+            "snapshot.info": "device", "snapshot.chunk": "device",
+            "snapshot.export": "admin", "snapshot.rollback": "admin", "status": "admin"}
+ANY_ROLE_OPS = ("ping",)     # liveness: every admitted key
+PUB_ROLES = ("device", "admin")  # who may subscribe to announcements
+PUB_ZAP_DOMAIN = "edgecl.announcements"
 
 
 @dataclass(frozen=True)
@@ -95,17 +106,20 @@ def load_allowed_keys(directory: str | os.PathLike) -> set[bytes]:
 # ------------------------------------------------------------------------------ daemon side
 
 class ServerCurve:
-    """The daemon's key pair and allow-list; `apply` makes a socket a CURVE server, and
-    `start(ctx)` runs the ZAP handler that checks each connecting client's key."""
+    """The daemon's key pair, allow-list and each key's roles; `apply` makes a socket a CURVE
+    server, `start(ctx)` runs the ZAP handler that checks each connecting client's key, and
+    `authorize(op, frame)` checks a request against the role of the key that sent it."""
 
-    def __init__(self, keys: KeyPair, allowed: set[bytes], allowed_dir: str):
+    def __init__(self, keys: KeyPair, roles: dict[bytes, frozenset], allowed_dir: str):
         self.keys = keys
-        self.allowed = frozenset(allowed)
+        self.roles = dict(roles)         # z85 public key -> its roles
+        self.allowed = frozenset(roles)
         self.allowed_dir = allowed_dir
         self._authenticator = None
         self._lock = threading.Lock()
         self.refused = 0                 # handshakes with a key not on the list
         self._strangers: set[bytes] = set()
+        self.refused_by_role = {role: 0 for role in ROLES}  # requests outside a key's role
 
     def start(self, ctx: zmq.Context) -> None:
         from zmq.auth.thread import ThreadAuthenticator
@@ -113,6 +127,7 @@ class ServerCurve:
         auth = ThreadAuthenticator(ctx, log=logging.getLogger("edgecl.security.zap"))
         auth.start()
         auth.configure_curve_callback(domain="*", credentials_provider=self)
+        auth.configure_curve_callback(domain=PUB_ZAP_DOMAIN, credentials_provider=self)
         self._authenticator = auth
 
     def stop(self) -> None:
@@ -120,14 +135,23 @@ class ServerCurve:
             self._authenticator.stop()
             self._authenticator = None
 
-    def apply(self, sock: zmq.Socket) -> None:
+    def apply(self, sock: zmq.Socket, announcements: bool = False) -> None:
         sock.curve_secretkey = self.keys.secret
         sock.curve_publickey = self.keys.public
         sock.curve_server = True
+        if announcements:  # its own ZAP domain: only device and admin keys may subscribe
+            sock.zap_domain = PUB_ZAP_DOMAIN.encode()
 
     def callback(self, domain: str, client_key: bytes) -> bool:
-        """ZAP: admit a client key (z85) only if it is listed. Runs in the ZAP thread."""
-        if client_key in self.allowed:
+        """ZAP: admit a client key (z85) only if it is listed (and, for announcements, has a
+        role that may subscribe). Runs in the ZAP thread."""
+        roles = self.roles.get(client_key)
+        if roles is not None and domain == PUB_ZAP_DOMAIN and not roles & set(PUB_ROLES):
+            self._count_role_refusal(roles)
+            log.warning("refused a %s key's subscription to announcements (roles %s may "
+                        "subscribe)", "+".join(sorted(roles)), ", ".join(PUB_ROLES))
+            return False
+        if roles is not None:
             return True
         with self._lock:
             self.refused += 1
@@ -140,14 +164,55 @@ class ServerCurve:
                         client_key.decode("ascii", "replace"), self.allowed_dir)
         return False
 
+    def authorize(self, op: str, frame) -> None:
+        """Refuse (`forbidden`) an op outside the roles of the key that sent `frame` (its
+        ZAP User-Id is the key). Ops no role lists need admin."""
+        if op in ANY_ROLE_OPS:
+            return
+        key = frame.get("User-Id").encode("ascii")
+        roles = self.roles.get(key, frozenset())
+        needed = OP_ROLES.get(op, "admin")
+        if needed in roles:
+            return
+        self._count_role_refusal(roles)
+        raise WireError(ErrorCode.FORBIDDEN,
+                        f"op {op!r} needs the {needed} role; this client's key has "
+                        f"{' and '.join(sorted(roles)) or 'no role'}")
+
+    def _count_role_refusal(self, roles) -> None:
+        with self._lock:
+            for role in roles:
+                self.refused_by_role[role] += 1
+
+
+ROLE_SETTINGS = {"sensor": "allow_sensors", "device": "allow_devices", "admin": "allow_admins"}
+
 
 def server_curve(serve) -> ServerCurve | None:
-    """The daemon's CURVE setup from `serve.curve_secret` / `serve.allow_clients`, or None."""
+    """The daemon's CURVE setup from `serve.curve_secret` and the key directories, or None.
+
+    `serve.allow_clients` keys get every role (the setup from before roles), with a warning;
+    `serve.allow_sensors` / `allow_devices` / `allow_admins` keys get that one role."""
     if not serve.curve_secret:
         return None
     keys = load_key_pair(serve.curve_secret, "server key pair (--curve-secret)")
-    allowed = load_allowed_keys(serve.allow_clients)
-    return ServerCurve(keys, allowed, serve.allow_clients)
+    roles: dict[bytes, set] = {}
+    dirs = []
+    if serve.allow_clients:
+        for key in load_allowed_keys(serve.allow_clients):
+            roles[key] = set(ROLES)
+        dirs.append(serve.allow_clients)
+        log.warning("every key in %s (serve.allow_clients) has every role: it may push, pull, "
+                    "export, roll back and read status. Give each client only its role with "
+                    "serve.allow_sensors / allow_devices / allow_admins (docs/security.md)",
+                    serve.allow_clients)
+    for role, setting in ROLE_SETTINGS.items():
+        directory = getattr(serve, setting, "")
+        if directory:
+            for key in load_allowed_keys(directory):
+                roles.setdefault(key, set()).add(role)
+            dirs.append(directory)
+    return ServerCurve(keys, {k: frozenset(v) for k, v in roles.items()}, ", ".join(dirs))
 
 
 # ------------------------------------------------------------------------------ client side

@@ -24,6 +24,7 @@ DTYPES = {"uint8": np.dtype("u1"), "float32": np.dtype("<f4")}
 
 MAX_LABEL_CHARS = 256
 MAX_SENSOR_CHARS = 128
+MAX_DIM = 2**31 - 1  # largest N, C, H or W a shape may name
 # Header limits when the caller gives none (the daemon passes its serve.max_header_* settings).
 MAX_HEADER_BYTES = 2 * 2**20
 MAX_HEADER_DEPTH = 8
@@ -35,6 +36,7 @@ class ErrorCode:
     BAD_REQUEST = "bad_request"      # not a msgpack map, wrong frame count, missing/ill-typed field
     BAD_VERSION = "bad_version"      # header "v" missing or not PROTOCOL_VERSION
     UNKNOWN_OP = "unknown_op"        # "op" is not one the daemon serves
+    FORBIDDEN = "forbidden"          # the client's CURVE key lacks the role this op needs
     BAD_SHAPE = "bad_shape"          # shape not [N, C, H, W], payload size mismatch, or spec mismatch
     BAD_DTYPE = "bad_dtype"          # dtype not in DTYPES, or not the daemon's input dtype
     BAD_VALUE = "bad_value"          # float32 sample outside [0, 1] or not finite
@@ -47,7 +49,7 @@ class ErrorCode:
     STORAGE = "storage"              # the journal could not be written (disk full, unwritable)
     INTERNAL = "internal"            # a fault in edgecl itself; the daemon logged a traceback
 
-    ALL = (BAD_REQUEST, BAD_VERSION, UNKNOWN_OP, BAD_SHAPE, BAD_DTYPE, BAD_VALUE, BAD_LABEL,
+    ALL = (BAD_REQUEST, BAD_VERSION, UNKNOWN_OP, FORBIDDEN, BAD_SHAPE, BAD_DTYPE, BAD_VALUE, BAD_LABEL,
            TOO_LARGE, TOO_MANY_CLASSES, BUSY, SHUTTING_DOWN, NOT_FOUND, STORAGE, INTERNAL)
     RETRYABLE = (BUSY, SHUTTING_DOWN)
 
@@ -67,7 +69,14 @@ def pack(obj: dict) -> bytes:
 
 def unpack_header(frame: bytes, max_bytes: int = MAX_HEADER_BYTES,
                   max_depth: int = MAX_HEADER_DEPTH) -> dict:
-    """Decode a request header; anything but a msgpack map with the right version is refused.
+    """Decode a request header and check its envelope (`rid`, `v`, `op`) and the fields of
+    its op: `check_header(decode_header(frame))`."""
+    return check_header(decode_header(frame, max_bytes, max_depth))
+
+
+def decode_header(frame: bytes, max_bytes: int = MAX_HEADER_BYTES,
+                  max_depth: int = MAX_HEADER_DEPTH) -> dict:
+    """The header frame as a msgpack map; anything else is refused.
 
     Size, nesting and every declared length are checked on the raw bytes first (see
     check_msgpack_bounds), so a msgpack bomb is refused before msgpack allocates for it."""
@@ -82,15 +91,23 @@ def unpack_header(frame: bytes, max_bytes: int = MAX_HEADER_BYTES,
     if not isinstance(header, dict):
         raise WireError(ErrorCode.BAD_REQUEST,
                         f"header must be a msgpack map, got {type(header).__name__}")
+    return header
+
+
+def check_header(header: dict) -> dict:
+    """Check the envelope, in order `rid`, `v`, `op` (so a bad version still echoes a good
+    rid), then the op's fields (OP_FIELDS); returns the header with nil optional fields
+    dropped, which is all a handler may read."""
+    check_field(header, "rid", RID_FIELD)
     version = header.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise WireError(ErrorCode.BAD_VERSION,
-                        f"protocol version {version!r} is not supported; this daemon speaks "
-                        f"v={PROTOCOL_VERSION}")
+                        f"protocol version {show_value(version)} is not supported; this daemon "
+                        f"speaks v={PROTOCOL_VERSION}")
     op = header.get("op")
-    if not isinstance(op, str):
+    if type(op) is not str:
         raise WireError(ErrorCode.BAD_REQUEST, "header needs a string field 'op'")
-    return header
+    return check_fields(header, OP_FIELDS.get(op, {}))
 
 
 # Bytes that follow a msgpack type byte before its value: (length-field size, fixed extra).
@@ -167,6 +184,121 @@ def _open(pending: list, count: int, pos: int, end: int, max_depth: int) -> int:
     return pos
 
 
+# ------------------------------------------------------------------------------ typed fields
+
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+MAX_RID_CHARS = 256
+_SCALAR_TYPES = (bool, int, float, str, bytes)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One header field: its msgpack type, whether it must be there, its bounds (an int's
+    value, a str's or list's length), and the code a wrong value earns.
+
+    Types are exact: a bool is not an int and a float is not an int. A nil optional field
+    counts as absent. "scalar" is any of nil, bool, int, float, str, bin."""
+
+    kind: type | str
+    required: bool = False
+    low: int | None = None
+    high: int | None = None
+    code: str = ErrorCode.BAD_REQUEST
+    what: str = ""
+
+
+RID_FIELD = Field("scalar", high=MAX_RID_CHARS,
+                  what=f"a scalar (str and bin up to {MAX_RID_CHARS} bytes)")
+VERSION_FIELD = Field(int, low=0, high=INT64_MAX, what="a version number >= 0")
+
+# The fields of every documented op (docs/protocol.md). Unknown fields are ignored.
+OP_FIELDS: dict[str, dict[str, Field]] = {
+    "push": {
+        "sensor": Field(str, True, 1, MAX_SENSOR_CHARS,
+                        what=f"a sensor name of 1..{MAX_SENSOR_CHARS} chars"),
+        "seq": Field(int, True, INT64_MIN, INT64_MAX,
+                     what="a 64-bit signed integer, unique per sensor"),
+        "shape": Field(list, True, 4, 4, ErrorCode.BAD_SHAPE, "[N, C, H, W]"),
+        "dtype": Field(str, True, 1, 16, ErrorCode.BAD_DTYPE, "a dtype name string"),
+        "labels": Field(list, True, 0, INT64_MAX, ErrorCode.BAD_LABEL,
+                        "an array with one label per sample"),
+    },
+    "ping": {},
+    "status": {},
+    "snapshot.info": {"since": VERSION_FIELD,
+                      "wait_ms": Field(int, low=0, high=INT64_MAX, what="milliseconds >= 0")},
+    "snapshot.chunk": {
+        "version": Field(int, True, 0, INT64_MAX, what="a version number >= 0"),
+        "file": Field(str, True, 1, 64, what="a file name"),
+        "offset": Field(int, low=0, high=INT64_MAX, what="a byte offset >= 0"),
+        "size": Field(int, low=1, high=INT64_MAX, what="a byte count > 0"),
+    },
+    "snapshot.export": {},
+    "snapshot.rollback": {"to": VERSION_FIELD},
+}
+
+
+def check_field(header: dict, name: str, field: Field) -> Any:
+    """The value of `name`, or None if it is absent (or nil, when optional); WireError with
+    `field.code` if it has the wrong type or lies outside the field's bounds."""
+    value = header.get(name)
+    if value is None and not field.required:
+        return None
+    if field.kind == "scalar":
+        ok = value is None or type(value) in _SCALAR_TYPES
+        size = len(value) if type(value) in (str, bytes) else None
+    else:
+        ok = type(value) is field.kind
+        size = value if field.kind is int else len(value) if ok else None
+    if ok and size is not None and (
+            (field.low is not None and size < field.low)
+            or (field.high is not None and size > field.high)):
+        ok = False
+    if not ok:
+        absent = "missing" if name not in header else f"got {show_value(value)}"
+        raise WireError(field.code, f"'{name}' must be {field.what} ({absent})")
+    return value
+
+
+def check_fields(header: dict, fields: dict[str, Field]) -> dict:
+    """Every field in `fields` through check_field, in order; returns the header without
+    the nil optional ones."""
+    dropped = [name for name, field in fields.items()
+               if check_field(header, name, field) is None and name in header]
+    if not dropped:
+        return header
+    return {k: v for k, v in header.items() if k not in dropped}
+
+
+def request_rid(header: Any) -> Any:
+    """The header's `rid` if it is a valid one (a reply echoes it), else None."""
+    if not isinstance(header, dict):
+        return None
+    try:
+        return check_field(header, "rid", RID_FIELD)
+    except WireError:
+        return None
+
+
+def check_frames(op: str, frames: int) -> None:
+    """A payload frame is for push only: push takes exactly 2 frames, every other op 1."""
+    expected = 2 if op == "push" else 1
+    if frames == expected:
+        return
+    if op == "push":
+        raise WireError(ErrorCode.BAD_REQUEST,
+                        f"push takes a header frame and a payload frame holding the samples, "
+                        f"got {frames} frames")
+    raise WireError(ErrorCode.BAD_REQUEST,
+                    f"op {op!r} takes only a header frame, got {frames} frames")
+
+
+def show_value(value: Any, limit: int = 40) -> str:
+    """A short repr for an error message: a hostile value must not make a huge reply."""
+    text = f"{type(value).__name__} {value!r}" if value is not None else "nil"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def unpack_reply(frame: bytes) -> dict:
     reply = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     if not isinstance(reply, dict) or "ok" not in reply:
@@ -228,14 +360,6 @@ def _dtype_name(dtype: np.dtype) -> str:
     raise KeyError(dtype)
 
 
-def _require(header: dict, key: str, kind: type | tuple, what: str):
-    value = header.get(key)
-    # bool is an int subclass; a true/false is never a valid count, seq or label
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise WireError(ErrorCode.BAD_REQUEST, f"push needs '{key}': {what}")
-    return value
-
-
 def check_labels(labels: Any, n: int, max_label_chars: int = MAX_LABEL_CHARS) -> list:
     """Labels are ints or strings, exactly one per sample; 1 and "1" are different labels."""
     if not isinstance(labels, list):
@@ -253,7 +377,7 @@ def check_labels(labels: Any, n: int, max_label_chars: int = MAX_LABEL_CHARS) ->
                             f"label {i} is a string of {len(label)} chars; "
                             f"use 1..{max_label_chars}")
         raise WireError(ErrorCode.BAD_LABEL,
-                        f"label {i} is {kind.__name__} {label!r}; labels must be ints or strings")
+                        f"label {i} is {show_value(label)}; labels must be ints or strings")
     return labels
 
 
@@ -264,19 +388,17 @@ def decode_push(header: dict, payload: Any, *, max_samples: int, max_bytes: int,
     `payload` is anything exposing the buffer protocol (a zmq.Frame's .buffer, bytes). The
     returned array shares that memory: the batch is never copied per sample.
     """
-    sensor = _require(header, "sensor", str, "a sensor name string")
-    if not 0 < len(sensor) <= MAX_SENSOR_CHARS:
-        raise WireError(ErrorCode.BAD_REQUEST, f"'sensor' must have 1..{MAX_SENSOR_CHARS} chars")
-    seq = _require(header, "seq", int, "an integer sequence number, unique per sensor")
-    shape = header.get("shape")
-    if (not isinstance(shape, list) or len(shape) != 4
-            or not all(type(d) is int and d > 0 for d in shape)):
+    check_fields(header, OP_FIELDS["push"])
+    sensor, seq, shape = header["sensor"], header["seq"], header["shape"]
+    if not all(type(d) is int and 0 < d <= MAX_DIM for d in shape):
         raise WireError(ErrorCode.BAD_SHAPE,
-                        f"'shape' must be [N, C, H, W] with positive ints, got {shape!r}")
-    dtype_name = header.get("dtype")
+                        f"'shape' must be [N, C, H, W] with ints in 1..{MAX_DIM}, "
+                        f"got {show_value(shape, 80)}")
+    dtype_name = header["dtype"]
     if dtype_name not in DTYPES:
         raise WireError(ErrorCode.BAD_DTYPE,
-                        f"dtype {dtype_name!r} is not supported; use one of {sorted(DTYPES)}")
+                        f"dtype {show_value(dtype_name)} is not supported; use one of "
+                        f"{sorted(DTYPES)}")
     n = shape[0]
     if n > max_samples:
         raise WireError(ErrorCode.TOO_LARGE,

@@ -21,7 +21,7 @@ import zmq
 from hypothesis import strategies as st
 
 from edgecl.config import Config
-from edgecl.wire import PROTOCOL_VERSION, ErrorCode
+from edgecl.wire import PROTOCOL_VERSION, ErrorCode, check_msgpack_bounds
 
 SHAPE = (1, 8, 8)
 MAX_BATCH = 8
@@ -59,6 +59,16 @@ def pack(obj) -> bytes:
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1),
                     st.floats(allow_nan=True), st.text(max_size=8), st.binary(max_size=8))
+# Edges of msgpack's int range and of the 64-bit fields (seq, offsets, versions).
+edge_ints = st.sampled_from([-2**63, -2**62, -1, 0, 1, 2**31, 2**62, 2**63 - 1, 2**63,
+                             2**64 - 1])
+# Type confusion: what a client can put where any one value belongs.
+confusion = st.one_of(
+    scalars, edge_ints,
+    st.lists(st.one_of(scalars, edge_ints), max_size=4),
+    st.dictionaries(st.text(max_size=4), scalars, max_size=3),
+    st.dictionaries(st.integers(-9, 9), scalars, max_size=2),
+    st.lists(st.lists(scalars, max_size=2), max_size=2))
 
 
 @st.composite
@@ -71,7 +81,12 @@ def valid_push(draw):
     header = {"v": PROTOCOL_VERSION, "op": "push", "sensor": "fuzz",
               "seq": draw(st.integers(0, 2**62)), "shape": [n, *SHAPE], "dtype": "float32",
               "labels": labels}
-    return header, x, labels
+    return {**header, **draw(junk_fields)}, x, labels
+
+
+# Unknown fields are ignored (docs/protocol.md): every message may carry some, of any type.
+junk_fields = st.dictionaries(st.sampled_from(["x", "pad", "extra", "_", "rid2"]), confusion,
+                              max_size=2)
 
 
 def _with(header: dict, **changes) -> dict:
@@ -96,9 +111,11 @@ def _bad_shape_list(draw, header, x, payload, n):
     shape = draw(st.one_of(
         st.lists(st.integers(1, 8), max_size=6).filter(lambda s: len(s) != 4),
         st.tuples(st.just(n), st.integers(-3, 0), st.just(8), st.just(8)).map(list),
-        st.lists(scalars, min_size=4, max_size=4).filter(
-            lambda s: not all(type(d) is int and d > 0 for d in s)),
-        scalars))
+        st.lists(confusion, min_size=4, max_size=4).filter(
+            lambda s: not all(type(d) is int and 0 < d < 2**31 for d in s)),
+        st.tuples(st.just(n), st.just(1), st.sampled_from([2**31, 2**62, 2**64 - 1]),
+                  st.just(8)).map(list),
+        confusion.filter(lambda s: type(s) is not list or len(s) != 4)))
     return [pack(_with(header, shape=shape)), payload], ErrorCode.BAD_SHAPE
 
 
@@ -115,7 +132,8 @@ def _payload_size(draw, header, x, payload, n):
 
 def _bad_dtype(draw, header, x, payload, n):
     dtype = draw(st.one_of(st.sampled_from(["int16", "float64", "uint8 ", "", "FLOAT32"]),
-                           scalars).filter(lambda d: d not in ("float32", "uint8")))
+                           confusion).filter(lambda d: d not in ("float32", "uint8")
+                                             if type(d) is str else True))
     return [pack(_with(header, dtype=dtype)), payload], ErrorCode.BAD_DTYPE
 
 
@@ -132,9 +150,9 @@ def _bad_value(draw, header, x, payload, n):
 
 
 def _bad_labels(draw, header, x, payload, n):
-    bad = draw(st.one_of(st.floats(), st.booleans(), st.none(), st.just(""),
+    bad = draw(st.one_of(st.just(""),
                          st.text(min_size=MAX_LABEL_CHARS + 1, max_size=MAX_LABEL_CHARS + 8),
-                         st.lists(st.integers(), max_size=2), st.binary(max_size=4)))
+                         confusion.filter(lambda v: type(v) not in (int, str))))
     labels = list(header["labels"])
     labels[draw(st.integers(0, n - 1))] = bad
     return [pack(_with(header, labels=labels)), payload], ErrorCode.BAD_LABEL
@@ -142,7 +160,8 @@ def _bad_labels(draw, header, x, payload, n):
 
 def _label_count(draw, header, x, payload, n):
     labels = draw(st.one_of(st.lists(st.just(0), max_size=MAX_BATCH + 2).filter(
-        lambda ls: len(ls) != n), scalars))
+        lambda ls: len(ls) != n), confusion.filter(lambda v: type(v) is not list
+                                                   or len(v) != n)))
     return [pack(_with(header, labels=labels)), payload], ErrorCode.BAD_LABEL
 
 
@@ -186,10 +205,11 @@ def _extra_frames(draw, header, x, payload, n):
 def _bad_sensor_or_seq(draw, header, x, payload, n):
     key = draw(st.sampled_from(["sensor", "seq"]))
     value = draw(st.one_of(st.just(_DROP), st.just(""), st.text(min_size=129, max_size=140),
-                           st.booleans(), st.floats(), st.none(), st.binary(max_size=4))
+                           confusion.filter(lambda v: type(v) is not str))
                  if key == "sensor" else
-                 st.one_of(st.just(_DROP), st.booleans(), st.floats(), st.text(max_size=4),
-                           st.none(), st.lists(st.integers(), max_size=2)))
+                 st.one_of(st.just(_DROP), st.sampled_from([2**63, 2**64 - 1]),
+                           confusion.filter(lambda v: type(v) is not int
+                                            or not -2**63 <= v < 2**63)))
     return [pack(_with(header, **{key: value})), payload], ErrorCode.BAD_REQUEST
 
 
@@ -235,48 +255,91 @@ def msgpack_bomb(draw):
                     else ErrorCode.BAD_REQUEST)
 
 
+def _valid_rid(rid) -> bool:
+    return rid is None or (type(rid) in (bool, int, float) or
+                           (type(rid) in (str, bytes) and len(rid) <= 256))
+
+
+bad_rids = st.one_of(confusion.filter(lambda r: not _valid_rid(r)),
+                     st.text(min_size=257, max_size=300), st.binary(min_size=257, max_size=300))
+good_rids = st.one_of(scalars, edge_ints).filter(_valid_rid)
+
+
 @st.composite
 def bad_envelope(draw):
-    """Not a versioned map with a string op."""
-    which = draw(st.sampled_from(["not_map", "version", "op_type", "unknown_op"]))
+    """Not a versioned map with a string op and a scalar rid, or frames the op does not take."""
+    which = draw(st.sampled_from(["not_map", "version", "op_type", "unknown_op", "rid",
+                                  "frames"]))
+    base = {"v": 1, "op": draw(st.sampled_from(SERVED_OPS[1:])), **draw(junk_fields)}
     if which == "not_map":
-        value = draw(st.one_of(scalars, st.lists(scalars, max_size=4)))
+        value = draw(st.one_of(confusion.filter(lambda v: not isinstance(v, dict)),
+                               st.lists(scalars, max_size=4)))
         return [pack(value)], ErrorCode.BAD_REQUEST
     if which == "version":
-        v = draw(st.one_of(st.just(_DROP), st.sampled_from([0, 2, -1, "1", 1.0, True]), scalars)
-                 .filter(lambda v: v is _DROP or type(v) is not int or v != PROTOCOL_VERSION))
-        return [pack(_with({"v": 1, "op": "ping"}, v=v))], ErrorCode.BAD_VERSION
+        v = draw(st.one_of(st.just(_DROP), st.sampled_from([0, 2, -1, "1", 1.0, True]),
+                           confusion).filter(lambda v: v is _DROP or type(v) is not int
+                                             or v != PROTOCOL_VERSION))
+        return [pack(_with(base, v=v))], ErrorCode.BAD_VERSION
     if which == "op_type":
-        op = draw(st.one_of(st.just(_DROP), scalars.filter(lambda o: not isinstance(o, str)),
-                            st.lists(st.text(max_size=3), max_size=2)))
-        return [pack(_with({"v": 1, "op": "ping"}, op=op))], ErrorCode.BAD_REQUEST
+        op = draw(st.one_of(st.just(_DROP), confusion.filter(lambda o: not isinstance(o, str))))
+        return [pack(_with(base, op=op))], ErrorCode.BAD_REQUEST
+    if which == "rid":
+        return [pack(_with(base, rid=draw(bad_rids)))], ErrorCode.BAD_REQUEST
+    if which == "frames":  # a payload frame is for push only (status + payload was "ok")
+        extra = draw(st.lists(st.binary(max_size=16), min_size=1, max_size=2))
+        return [pack(base), *extra], ErrorCode.BAD_REQUEST
     op = draw(st.text(max_size=20).filter(lambda o: o not in SERVED_OPS))
     return [pack({"v": 1, "op": op})], ErrorCode.UNKNOWN_OP
 
 
+# The fields of each snapshot op, from docs/protocol.md: (required, accepts(value)).
+def _int_from(low: int):
+    return lambda v: type(v) is int and low <= v < 2**63
+
+
+SNAPSHOT_FIELDS = {
+    "snapshot.info": {"since": (False, _int_from(0)), "wait_ms": (False, _int_from(0))},
+    "snapshot.chunk": {"version": (True, _int_from(0)),
+                       "file": (True, lambda v: v in ("model.onnx", "model.int8.onnx",
+                                                      "meta.json") if type(v) is str
+                                else False),
+                       "offset": (False, _int_from(0)), "size": (False, _int_from(1))},
+    "snapshot.rollback": {"to": (False, _int_from(0))},
+}
+CHUNK_OK = {"version": 1, "file": "model.onnx", "offset": 0, "size": 16}
+
+
 @st.composite
 def bad_snapshot_request(draw):
-    op = draw(st.sampled_from(["snapshot.info", "snapshot.chunk", "snapshot.rollback"]))
-    bad = scalars.filter(lambda v: type(v) is not int)
-    if op == "snapshot.info":
-        fields = draw(st.one_of(st.fixed_dictionaries({"since": bad}),
-                                st.fixed_dictionaries({"since": st.integers(-9, -1)}),
-                                st.fixed_dictionaries({"wait_ms": st.one_of(
-                                    bad, st.integers(-9, -1))})))
-        fields = {k: v for k, v in fields.items() if v is not None}
-        if not fields:
-            fields = {"since": -1}
-    elif op == "snapshot.chunk":
-        fields = {"version": 1, "file": "model.onnx", "offset": 0, "size": 16}
-        key = draw(st.sampled_from(["version", "file", "offset", "size"]))
-        fields[key] = draw(bad if key != "file" else
-                           st.text(max_size=12).filter(lambda f: "onnx" not in f
-                                                       and f != "meta.json"))
-        if key in ("offset", "size") and draw(st.booleans()):
-            fields[key] = -1
-    else:
-        fields = {"to": draw(bad.filter(lambda v: v is not None))}
-    return [pack({"v": 1, "op": op, **fields})], ErrorCode.BAD_REQUEST
+    """One field of a snapshot op of the wrong type or out of range; the rest valid."""
+    op = draw(st.sampled_from(sorted(SNAPSHOT_FIELDS)))
+    name = draw(st.sampled_from(sorted(SNAPSHOT_FIELDS[op])))
+    required, accepts = SNAPSHOT_FIELDS[op][name]
+    value = draw(st.one_of(confusion, edge_ints, st.text(max_size=12)).filter(
+        lambda v: not accepts(v) and (required or v is not None)))
+    fields = dict(CHUNK_OK) if op == "snapshot.chunk" else {}
+    fields[name] = value
+    return [pack({"v": 1, "op": op, **fields, **draw(junk_fields)})], ErrorCode.BAD_REQUEST
+
+
+@st.composite
+def chunk_past_the_end(draw):
+    """A valid chunk request of published version 1 (see publish_fake_snapshot) at any
+    offset up to 2^63 - 1: answered with the bytes there, or none past the end."""
+    offset = draw(st.one_of(st.integers(0, 64), edge_ints.filter(lambda v: 0 <= v < 2**63),
+                            st.integers(0, 2**63 - 1)))
+    fields = {**CHUNK_OK, "offset": offset, "file": draw(st.sampled_from(
+        ["model.onnx", "model.int8.onnx"]))}
+    return [pack({"v": 1, "op": "snapshot.chunk", **fields})], OK
+
+
+OK = "ok"  # the expectation for a request that must be answered ok: true
+
+
+def publish_fake_snapshot(daemon) -> None:
+    """Version 1 of a few bytes, so chunk requests reach the file reads (no export needed)."""
+    daemon.snapshots.store.publish({"model.onnx": b"onnx" * 8, "model.int8.onnx": b"int8" * 8},
+                                   {"labels": [], "fake": True})
 
 
 def _is_valid_request(frames: list[bytes]) -> bool:
@@ -297,8 +360,30 @@ def garbage(draw):
     return frames, None
 
 
-malformed = st.one_of(flawed_push(), msgpack_bomb(), bad_envelope(), bad_snapshot_request(),
-                      garbage())
+@st.composite
+def with_rid(draw, messages):
+    """Give a message whose header decodes to a map a random valid `rid` half of the time:
+    every reply must echo it, whatever the error."""
+    frames, expected = draw(messages)
+    header = _decoded(frames[0])
+    if isinstance(header, dict) and "rid" not in header and draw(st.booleans()):
+        frames = [pack({**header, "rid": draw(good_rids)}), *frames[1:]]
+    return frames, expected
+
+
+malformed = with_rid(st.one_of(flawed_push(), msgpack_bomb(), bad_envelope(),
+                               bad_snapshot_request(), chunk_past_the_end(), garbage()))
+
+
+def _decoded(frame: bytes):
+    """The frame as msgpack, or None; bombs are never handed to msgpack."""
+    if len(frame) > MAX_HEADER_BYTES:
+        return None
+    try:
+        check_msgpack_bounds(frame, MAX_HEADER_DEPTH)
+        return msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception:
+        return None
 
 
 # ------------------------------------------------------------------------------ the runner
@@ -312,6 +397,8 @@ class FuzzRun:
     codes: Counter = field(default_factory=Counter)
     sent: int = 0
     mismatches: list = field(default_factory=list)
+    unanswered: int = 0
+    extra_replies: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self):
@@ -320,20 +407,29 @@ class FuzzRun:
         self._sock.connect(self.address)
 
     def send(self, frames: list[bytes], expected: str | None) -> dict:
+        """Send one message; exactly one reply must come, refusing it with `expected` (any
+        code if None; ok if OK), echoing its valid rid. Wrong answers are collected in
+        `mismatches`; a missing, second or uncoded reply raises."""
         self._sock.send_multipart(frames)
         self.sent += 1
         if not self._sock.poll(self.timeout_ms):
+            self.unanswered += 1
             raise AssertionError(f"no reply within {self.timeout_ms} ms to {frames!r:.200}")
         reply = msgpack.unpackb(self._sock.recv_multipart()[-1], raw=False,
                                 strict_map_key=False)
         if self._sock.poll(0):
+            self.extra_replies += 1
             raise AssertionError(f"more than one reply to {frames!r:.200}")
-        code = reply.get("error")
-        if reply.get("ok") is not False or code not in ErrorCode.ALL:
-            raise AssertionError(f"accepted or uncoded reply {reply!r:.200} to {frames!r:.200}")
+        code = OK if reply.get("ok") is True else reply.get("error")
+        if code != OK and (reply.get("ok") is not False or code not in ErrorCode.ALL):
+            raise AssertionError(f"uncoded reply {reply!r:.200} to {frames!r:.200}")
         if code == ErrorCode.INTERNAL or (expected is not None and code != expected):
             self.mismatches.append(f"expected {expected}, got {code} ({reply.get('message')}) "
                                    f"for {frames!r:.120}")
+        header = _decoded(frames[0])
+        rid = header.get("rid") if isinstance(header, dict) else None
+        if rid is not None and _valid_rid(rid) and pack(reply.get("rid")) != pack(rid):
+            self.mismatches.append(f"rid {rid!r:.40} not echoed ({code}) for {frames!r:.120}")
         self.codes[code] += 1
         return reply
 

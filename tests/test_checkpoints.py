@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import torch
 from edgecl.errors import UserError
 from edgecl.export import snapshots
 from edgecl.learn import LearnerConfig, OnlineLearner
-from edgecl.serve.checkpoints import FORMAT, CheckpointStore, read_checkpoint
+from edgecl.serve.checkpoints import (FORMAT, HEAD, LEGACY_FORMAT, LEGACY_MAGIC, MAGIC,
+                                     CheckpointRefused, CheckpointStore, read_checkpoint)
 
 
 def state(covered: int, learner: OnlineLearner | None = None) -> dict:
@@ -105,3 +107,96 @@ def test_read_checkpoint_checks_the_digest_before_unpickling(tmp_path):
     with pytest.raises(Exception, match="sha256 mismatch"):
         read_checkpoint(path)
     assert os.path.getsize(path) == len(data)
+
+
+# ------------------------------------------------------------------ checkpoints cannot run code
+
+class _Planted:
+    """What an attacker with write access to the state directory would pickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant(path, obj, magic=MAGIC) -> None:
+    """A file with a valid header and digest (anyone can compute a sha256) around `obj`."""
+    import hashlib
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    path.write_bytes(HEAD.pack(magic, len(payload), hashlib.sha256(payload).digest()) + payload)
+
+
+@pytest.mark.parametrize("magic", [MAGIC, LEGACY_MAGIC])
+def test_a_planted_pickle_is_refused_with_one_line_and_never_runs(tmp_path, magic):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / f"{7:020d}.ckpt"
+    plant(path, {"format": FORMAT, "covered": 7, "learner": _Planted(marker)}, magic)
+    with pytest.raises(CheckpointRefused) as caught:
+        read_checkpoint(path)
+    message = str(caught.value)
+    assert "\n" not in message and "posix.system" in message and "refused" in message
+    assert not marker.exists(), "the planted pickle ran"
+
+
+def test_numpy_and_plain_containers_round_trip_without_pickle(tmp_path):
+    from collections import Counter, OrderedDict
+    rng = np.random.default_rng(3)
+    value = {"u8": rng.integers(0, 256, (3, 1, 2, 2), dtype=np.uint8),
+             "f32": rng.random((2, 3), dtype=np.float32), "big": np.arange(4, dtype=">i4"),
+             "strings": np.array(["a", "bc"]), "empty": np.zeros((0, 3)),
+             "scalars": [np.int64(3), np.float32(1.5), np.float64(2.5), np.bool_(True),
+                         np.str_("x")],
+             "rng": rng.bit_generator.state, "slots": [(0, np.ones(2), 1), ("a", None, 0)],
+             "sets": ({1, 2}, frozenset({"a"})), "counts": Counter(a=2),
+             "ordered": OrderedDict(b=1), "tensor": torch.arange(3), 5: b"bytes"}
+    store = CheckpointStore(tmp_path)
+    path, _ = store.save({"format": FORMAT, "covered": 1, "value": value})
+    loaded = read_checkpoint(path)["value"]
+    for key in ("u8", "f32", "big", "strings", "empty"):
+        assert loaded[key].dtype == value[key].dtype and loaded[key].flags.writeable
+        np.testing.assert_array_equal(loaded[key], value[key])
+    assert [type(v) for v in loaded["scalars"]] == [type(v) for v in value["scalars"]]
+    assert loaded["scalars"] == value["scalars"] and loaded["rng"] == value["rng"]
+    assert loaded["sets"] == value["sets"] and type(loaded["counts"]) is Counter
+    assert type(loaded["ordered"]) is OrderedDict and loaded[5] == b"bytes"
+    np.testing.assert_array_equal(loaded["slots"][0][1], np.ones(2))
+    assert torch.equal(loaded["tensor"], value["tensor"])
+
+
+def test_a_type_outside_the_allow_list_is_refused_when_saving(tmp_path):
+    from collections import deque
+    store = CheckpointStore(tmp_path)
+    for bad, where in ((deque([1]), "state['learner']['queue']"),
+                       (np.array([object()]), "state['learner']['queue']"),
+                       (_Planted(tmp_path / "x"), "state['learner']['queue']")):
+        with pytest.raises(TypeError, match=re.escape(where)):
+            store.save({"format": FORMAT, "covered": 1, "learner": {"queue": bad}})
+    assert store.paths() == []
+
+
+def legacy_encode(state: dict) -> bytes:
+    """What edgecl wrote before EDGECLC2: numpy objects pickled as such, format 1."""
+    import hashlib
+    import io
+    buf = io.BytesIO()
+    torch.save({**state, "format": LEGACY_FORMAT}, buf)
+    payload = buf.getvalue()
+    return HEAD.pack(LEGACY_MAGIC, len(payload), hashlib.sha256(payload).digest()) + payload
+
+
+def test_a_checkpoint_written_before_still_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    old = {"covered": 4, "parts": {"heldout": {"rng": rng.bit_generator.state, "slots": [
+        (0, rng.random((2, 1, 8, 8), dtype=np.float32), 2)], "n": np.int64(4)}}}
+    path = tmp_path / f"{4:020d}.ckpt"
+    path.write_bytes(legacy_encode(old))
+    loaded = read_checkpoint(path)
+    assert loaded["format"] == LEGACY_FORMAT and loaded["covered"] == 4
+    np.testing.assert_array_equal(loaded["parts"]["heldout"]["slots"][0][1],
+                                  old["parts"]["heldout"]["slots"][0][1])
+    assert loaded["parts"]["heldout"]["rng"] == old["parts"]["heldout"]["rng"]

@@ -313,6 +313,20 @@ def test_metrics_endpoint_serves_the_status_figures(start_daemon):
     assert "edgecl_class_accuracy{label=" in text
 
 
+def test_metrics_listen_on_loopback_unless_an_address_is_given(start_daemon):
+    """/metrics is plain HTTP without auth: serve.bind = 0.0.0.0 must not expose it."""
+    for given, expected in ((None, "127.0.0.1"), ("0.0.0.0", "0.0.0.0")):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        extra = {} if given is None else {"metrics_bind": given}
+        daemon = start_daemon(metrics_port=port, bind="0.0.0.0", **extra)
+        assert daemon._metrics_server.server_address[0] == expected
+        daemon.stop()
+        assert daemon.join(30) == 0
+
+
 def test_a_learner_fault_is_contained_and_reported(start_daemon):
     """Fault injection: one learn_many call raises; the daemon logs it, counts the samples as
     failed, reports the error in status, and keeps learning what follows."""

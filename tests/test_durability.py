@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,3 +187,107 @@ def test_journal_and_checkpoint_settings_are_checked():
     config.checkpoints.every_s = -1.0
     with pytest.raises(UserError, match="checkpoints.every_s: must be >= 0"):
         config.check()
+
+
+def test_duplicates_counted_after_the_last_checkpoint_survive_a_crash(tmp_path, run_daemons,
+                                                                      monkeypatch):
+    """samples_duplicate lived only in checkpoints: a crash before the next one lost it
+    (20 pushes answered duplicate, 0 in status after the restart)."""
+    first = run_daemons(durable_config(tmp_path, every_steps=1))
+    assert raw_request(first.address, *push_frames(DIGITS[:4], LABELS[:4], seq=1))["ok"]
+    wait_for(lambda: first.status()["checkpoint"]["covered"] == 4)
+    # from here on no checkpoint is written, as when SIGKILL comes before the next one
+    monkeypatch.setattr(type(first.keeper), "save", lambda self: None)
+    for _ in range(5):
+        reply = raw_request(first.address, *push_frames(DIGITS[:4], LABELS[:4], seq=1))
+        assert reply["duplicate"] is True
+    assert get_status(first.address)["samples_duplicate"] == 20
+    stop(first)
+    monkeypatch.undo()
+    second = run_daemons(durable_config(tmp_path))
+    assert second.status()["checkpoint"]["restored_from"] is not None
+    assert get_status(second.address)["samples_duplicate"] == 20
+    assert raw_request(second.address, *push_frames(DIGITS[:4], LABELS[:4], seq=1))["duplicate"]
+    assert get_status(second.address)["samples_duplicate"] == 24
+
+
+def test_a_restart_on_a_full_disk_is_a_one_line_error_and_rewrites_nothing(tmp_path,
+                                                                           monkeypatch):
+    """input_spec.json was rewritten at every start: ENOSPC, a 22-line traceback, exit 1."""
+    config = durable_config(tmp_path)
+    config.input.channels, config.input.height, config.input.width = 1, 8, 8
+    daemon = Daemon(config).start()
+    assert raw_request(daemon.address, *push_frames(DIGITS[:4], LABELS[:4], seq=1))["ok"]
+    stop(daemon)
+    spec_file = tmp_path / "state" / "input_spec.json"
+    written = spec_file.stat().st_mtime_ns
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    monkeypatch.setattr(journal_mod, "_write_all", disk_full)
+    with pytest.raises(UserError, match="No space left on device") as caught:
+        Daemon(config)
+    assert "\n" not in str(caught.value) and "journal" in str(caught.value)
+    assert spec_file.stat().st_mtime_ns == written
+    monkeypatch.undo()
+    again = Daemon(config).start()   # the disk has room again: starts as before
+    assert get_status(again.address)["samples_received"] == 4
+    stop(again)
+
+
+def test_a_planted_checkpoint_is_refused_and_the_journal_still_replays(tmp_path, run_daemons,
+                                                                       monkeypatch, caplog):
+    from edgecl.serve.checkpoints import FORMAT
+    from test_checkpoints import _Planted, plant
+
+    first = run_daemons(durable_config(tmp_path, every_steps=1))
+    with SensorClient(first.address, sensor="cam", first_seq=1) as client:
+        client.push(DIGITS[:20], LABELS[:20])
+        wait_for(lambda: first.status()["checkpoint"]["covered"] == 20)
+        monkeypatch.setattr(type(first.keeper), "save", lambda self: None)
+        client.push(DIGITS[20:40], LABELS[20:40])   # acked, in the journal, in no checkpoint
+    drained(first)
+    stop(first)
+    monkeypatch.undo()
+    checkpoints = tmp_path / "state" / "checkpoints"
+    marker = tmp_path / "PWNED"
+    plant(checkpoints / f"{40:020d}.ckpt", {"format": FORMAT, "covered": 40,
+                                            "learner": _Planted(marker)})
+    second = run_daemons(durable_config(tmp_path))
+    status = replayed(second, 20)
+    assert not marker.exists(), "the planted checkpoint ran code"
+    assert status["checkpoint"]["restored_from"] == f"{20:020d}.ckpt"
+    assert status["samples_received"] == 40 and drained(second)["samples_learned"] == 40
+    refusals = [r.getMessage() for r in caplog.records if "refused to load" in r.getMessage()]
+    assert len(refusals) == 1 and "\n" not in refusals[0] and "posix.system" in refusals[0]
+    assert (checkpoints / f"{40:020d}.ckpt.refused").exists()
+
+
+def test_a_state_dir_with_checkpoints_from_before_still_loads(tmp_path, run_daemons):
+    """Checkpoints written before they were plain data (EDGECLC1: numpy pickled as numpy,
+    the held-out slice's arrays) restore the daemon as they did."""
+
+    from edgecl.serve import checkpoints as ckpt_mod
+    from test_checkpoints import legacy_encode
+
+    first = run_daemons(durable_config(tmp_path))
+    with SensorClient(first.address, sensor="cam", first_seq=1) as client:
+        client.push(DIGITS[:40], LABELS[:40])
+    before = drained(first)
+    stop(first)
+    path = ckpt_mod.CheckpointStore(tmp_path / "state" / "checkpoints").paths()[-1]
+    state = ckpt_mod.read_checkpoint(path)
+    assert any(isinstance(v, np.ndarray) for _, v, _ in state["parts"]["heldout"]["slots"])
+    path.write_bytes(legacy_encode(state))   # numpy arrays pickled as numpy objects
+    assert path.read_bytes()[:8] == ckpt_mod.LEGACY_MAGIC
+    second = run_daemons(durable_config(tmp_path))
+    status = drained(second)
+    assert status["checkpoint"]["restored_from"] == path.name
+    assert status["samples_learned"] == before["samples_learned"] == 40
+    assert len(second.snapshots.heldout) == len(first.snapshots.heldout) > 0
+    reply = raw_request(second.address, *push_frames(DIGITS[:40], LABELS[:40], sensor="cam",
+                                                     seq=1))
+    assert reply["duplicate"] is True   # the dedup record came back too

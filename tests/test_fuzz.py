@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 
 from edgecl.client import SensorClient, get_status
 from edgecl.learn import LearnerConfig, OnlineLearner
-from edgecl.wire import ErrorCode
-from fuzz_messages import SHAPE, FuzzRun, fuzz_config, malformed
+from edgecl.wire import ErrorCode, pack
+from fuzz_messages import OK, SHAPE, FuzzRun, fuzz_config, malformed, publish_fake_snapshot
 
 N_MESSAGES = 2000
 
@@ -27,6 +27,7 @@ def finite_model(learner) -> bool:
 def test_malformed_requests_all_get_their_code_and_valid_traffic_still_learns(tmp_path,
                                                                              run_daemons):
     daemon = run_daemons(fuzz_config(str(tmp_path / "state")))
+    publish_fake_snapshot(daemon)
     before = get_status(daemon.address)["refused"]
     run = FuzzRun(daemon.address)
 
@@ -48,7 +49,7 @@ def test_malformed_requests_all_get_their_code_and_valid_traffic_still_learns(tm
     assert set(run.codes) >= {ErrorCode.BAD_REQUEST, ErrorCode.BAD_VERSION,
                               ErrorCode.UNKNOWN_OP, ErrorCode.BAD_SHAPE, ErrorCode.BAD_DTYPE,
                               ErrorCode.BAD_VALUE, ErrorCode.BAD_LABEL, ErrorCode.TOO_LARGE,
-                              ErrorCode.TOO_MANY_CLASSES}
+                              ErrorCode.TOO_MANY_CLASSES, OK}
 
     status = get_status(daemon.address)
     counted = {code: status["refused"][code] - before.get(code, 0) for code in status["refused"]}
@@ -137,3 +138,88 @@ def test_a_msgpack_bomb_is_refused_before_msgpack_allocates_for_it():
             tracemalloc.stop()
         assert info.value.code == ErrorCode.BAD_REQUEST
         assert peak < 256 * 1024, f"{peak} bytes allocated for a {len(frame)}-byte header"
+
+
+# ------------------------------------------------------------------------------ regressions
+# Each test below is one place where an independent client (written from docs/protocol.md)
+# got an answer the protocol does not promise.
+
+def _raw(address, *frames):
+    from test_daemon import raw_request
+    return raw_request(address, *frames)
+
+
+def _ping(**fields) -> bytes:
+    return pack({"v": 1, "op": "ping", **fields})
+
+
+@pytest.fixture
+def fuzz_daemon(tmp_path, run_daemons):
+    daemon = run_daemons(fuzz_config(str(tmp_path / "state")))
+    publish_fake_snapshot(daemon)
+    return daemon
+
+
+def test_a_dtype_of_any_type_is_bad_dtype_never_internal(fuzz_daemon):
+    """dtype as a list or map hit `x in DTYPES` (unhashable): 558 `internal`s in 100k."""
+    x = np.zeros((1, *SHAPE), np.float32)
+    header = {"v": 1, "op": "push", "sensor": "s", "seq": 1, "shape": [1, *SHAPE],
+              "labels": [0], "rid": 9}
+    for dtype in (["float32"], {"a": 1}, {}, [], b"float32", 1.5, 2**64 - 1, None, True):
+        reply = _raw(fuzz_daemon.address, pack({**header, "dtype": dtype}), x.tobytes())
+        assert reply["error"] == ErrorCode.BAD_DTYPE, (dtype, reply)
+        assert reply["rid"] == 9 and reply["seq"] == 1
+    assert get_status(fuzz_daemon.address)["refused"][ErrorCode.INTERNAL] == 0
+
+
+def test_a_chunk_at_any_offset_is_answered_not_internal(fuzz_daemon):
+    """offset >= 2^62 of a published file reached the seek: `internal`. Past the end is an
+    empty chunk with eof; above 2^63 - 1 (outside the 64-bit offset) is bad_request."""
+    chunk = {"v": 1, "op": "snapshot.chunk", "version": 1, "file": "model.onnx", "size": 8}
+    for offset in (0, 30, 32, 2**40, 2**62, 2**63 - 1):
+        reply = _raw(fuzz_daemon.address, pack({**chunk, "offset": offset}))
+        assert reply["ok"], reply
+        assert reply["data"] == (b"onnx" * 8)[offset:offset + 8] and reply["total"] == 32
+        assert reply["eof"] == (offset + 8 >= 32)
+    for offset in (2**63, 2**64 - 1, -1, -2**63):
+        reply = _raw(fuzz_daemon.address, pack({**chunk, "offset": offset}))
+        assert reply["error"] == ErrorCode.BAD_REQUEST and "offset" in reply["message"]
+    assert get_status(fuzz_daemon.address)["refused"][ErrorCode.INTERNAL] == 0
+
+
+def test_a_payload_frame_on_any_op_but_push_is_bad_request(fuzz_daemon):
+    """status and ping with a payload frame were answered ok."""
+    for op in ("ping", "status", "snapshot.info", "snapshot.export", "snapshot.rollback"):
+        for extra in ([b"x"], [b""], [b"x", b"y"]):
+            reply = _raw(fuzz_daemon.address, pack({"v": 1, "op": op, "rid": op}), *extra)
+            assert reply["error"] == ErrorCode.BAD_REQUEST, (op, reply)
+            assert reply["rid"] == op and "frame" in reply["message"]
+    assert fuzz_daemon.snapshots.store.versions() == [1], "a rollback with a payload frame ran"
+
+
+@pytest.mark.parametrize("frames, code", [
+    ([_ping(v=2, rid="r")], ErrorCode.BAD_VERSION),
+    ([pack({"op": "ping", "rid": "r"})], ErrorCode.BAD_VERSION),
+    ([pack({"v": 1, "rid": "r"})], ErrorCode.BAD_REQUEST),
+    ([_ping(op=["ping"], rid="r")], ErrorCode.BAD_REQUEST),
+    ([_ping(op=7, rid="r")], ErrorCode.BAD_REQUEST),
+    ([_ping(rid="r"), b"payload"], ErrorCode.BAD_REQUEST),
+    ([_ping(rid="r"), b"a", b"b"], ErrorCode.BAD_REQUEST),
+    ([pack({"v": 1, "op": "push", "rid": "r"})], ErrorCode.BAD_REQUEST),
+    ([_ping(op="nope", rid="r")], ErrorCode.UNKNOWN_OP),
+    ([pack({"v": 1, "op": "snapshot.chunk", "rid": "r", "version": [1]})],
+     ErrorCode.BAD_REQUEST),
+])
+def test_every_error_reply_echoes_the_rid(fuzz_daemon, frames, code):
+    """bad_version and the envelope's bad_requests came back without the request's rid."""
+    reply = _raw(fuzz_daemon.address, *frames)
+    assert reply["error"] == code and reply["rid"] == "r", reply
+
+
+def test_an_invalid_rid_is_bad_request_and_not_echoed(fuzz_daemon):
+    for rid in ([1], {"a": 1}, "r" * 257, b"b" * 257):
+        reply = _raw(fuzz_daemon.address, _ping(rid=rid))
+        assert reply["error"] == ErrorCode.BAD_REQUEST and "rid" not in reply
+        assert "'rid'" in reply["message"]
+    for rid in (0, -2**63, 2**64 - 1, 1.5, True, "r" * 256, b"b" * 256):
+        assert _raw(fuzz_daemon.address, _ping(rid=rid))["rid"] == rid

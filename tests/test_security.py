@@ -11,8 +11,8 @@ import pytest
 import zmq
 
 from edgecl.cli import main as cli_main
-from edgecl.client import (Connection, DaemonUnavailable, DeviceClient, SensorClient, get_status,
-                           new_socket)
+from edgecl.client import (Connection, DaemonUnavailable, DeviceClient, RequestRefused,
+                           SensorClient, get_status, new_socket)
 from edgecl.config import Config
 from edgecl.errors import UserError
 from edgecl.export.device import _pub_address
@@ -211,3 +211,128 @@ def test_cli_clients_take_their_keys(tmp_path, keys, run_daemons, capsys):
                      "--retries", "0"]) == 2
     with Connection(daemon.address, curve=as_client(keydir, "cam2")) as conn:
         assert conn.request("status")["status"]["samples_received"] == len(Y)
+
+
+# ------------------------------------------------------------------------------ roles
+
+ROLE_OPS = {"push": "sensor", "snapshot.info": "device", "snapshot.chunk": "device",
+            "snapshot.export": "admin", "snapshot.rollback": "admin", "status": "admin",
+            "ping": None}
+
+
+@pytest.fixture
+def role_keys(tmp_path):
+    """server pair, and one key per role, each in its own directory."""
+    keydir = tmp_path / "keys"
+    keygen(keydir)
+    dirs = {}
+    for role in ("sensor", "device", "admin"):
+        public, _ = keygen(keydir, role)
+        dirs[role] = tmp_path / f"{role}s"
+        dirs[role].mkdir()
+        (dirs[role] / public.name).write_bytes(public.read_bytes())
+    return keydir, dirs
+
+
+def role_config(tmp_path, keydir, dirs) -> Config:
+    config = curve_config(tmp_path)
+    config.serve.curve_secret = str(keydir / "server.key_secret")
+    config.serve.allow_sensors = str(dirs["sensor"])
+    config.serve.allow_devices = str(dirs["device"])
+    config.serve.allow_admins = str(dirs["admin"])
+    return config
+
+
+def _request(address, curve, op) -> str:
+    """One request as `op` needs it; returns "ok" or the error code."""
+    fields = {"snapshot.chunk": {"version": 1, "file": "meta.json"}}.get(op, {})
+    payload = None
+    if op == "push":
+        from edgecl.wire import push_header
+        fields = {k: v for k, v in push_header("cam", time.time_ns(), X, Y).items()
+                  if k not in ("v", "op")}
+        payload = X.tobytes()
+    with Connection(address, timeout=5, retries=0, curve=curve) as conn:
+        try:
+            conn.request(op, payload, **fields)
+            return "ok"
+        except RequestRefused as exc:
+            return exc.code
+
+
+@pytest.mark.parametrize("role", ["sensor", "device", "admin"])
+def test_each_role_may_do_its_ops_and_is_refused_the_others(tmp_path, role_keys, run_daemons,
+                                                            role):
+    keydir, dirs = role_keys
+    daemon = run_daemons(role_config(tmp_path, keydir, dirs))
+    publish_fake = __import__("fuzz_messages").publish_fake_snapshot
+    publish_fake(daemon)
+    publish_fake(daemon)  # two versions, so a rollback has one to go back to
+    curve = as_client(keydir, role)
+    refused = 0
+    for op, needed in ROLE_OPS.items():
+        got = _request(daemon.address, curve, op)
+        if needed is None or needed == role:
+            assert got != "forbidden", (role, op, got)
+            if op != "snapshot.chunk":   # a fake version's meta may be pruned; any answer
+                assert got == "ok", (role, op, got)
+        else:
+            assert got == "forbidden", (role, op, got)
+            refused += 1
+    admin = get_status(daemon.address, curve=as_client(keydir, "admin"))
+    assert admin["refused_by_role"][role] == refused
+    assert admin["refused"]["forbidden"] == refused
+    assert admin["samples_received"] == (len(Y) if role == "sensor" else 0)
+
+
+def test_a_sensor_key_cannot_subscribe_to_announcements(tmp_path, role_keys, run_daemons):
+    keydir, dirs = role_keys
+    daemon = run_daemons(role_config(tmp_path, keydir, dirs))
+    pub = _pub_address(daemon.address)
+    received = {}
+    for role in ("sensor", "device"):
+        sock = zmq.Context.instance().socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        as_client(keydir, role).apply(sock)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(pub)
+        received[role] = sock
+    time.sleep(0.5)  # handshakes and subscriptions
+    for _ in range(10):
+        daemon.announce("snapshot", {"version": 99})
+        time.sleep(0.05)
+    assert received["device"].poll(2000), "a device key heard nothing"
+    assert not received["sensor"].poll(300), "a sensor key heard an announcement"
+    for sock in received.values():
+        sock.close()
+    status = get_status(daemon.address, curve=as_client(keydir, "admin"))
+    assert status["refused_by_role"]["sensor"] >= 1
+
+
+def test_a_single_directory_keeps_every_role_and_warns(tmp_path, keys, run_daemons, caplog):
+    keydir, allowed = keys
+    with caplog.at_level(logging.WARNING):
+        daemon = run_daemons(curve_config(tmp_path, keydir, allowed))
+    assert any("has every role" in r.getMessage() for r in caplog.records)
+    curve = as_client(keydir, "cam1")
+    for op in ROLE_OPS:
+        assert _request(daemon.address, curve, op) in ("ok", "bad_request", "not_found")
+    assert get_status(daemon.address, curve=curve)["refused_by_role"] == {
+        "sensor": 0, "device": 0, "admin": 0}
+
+
+def test_role_directories_without_a_server_key_are_refused():
+    config = Config()
+    config.serve.allow_sensors = "/somewhere"
+    with pytest.raises(UserError, match="go together"):
+        config.check()
+
+
+def test_status_text_shows_refusals_by_role(tmp_path, role_keys, run_daemons):
+    from edgecl.serve.commands import format_status
+    keydir, dirs = role_keys
+    daemon = run_daemons(role_config(tmp_path, keydir, dirs))
+    assert _request(daemon.address, as_client(keydir, "sensor"), "snapshot.rollback") == \
+        "forbidden"
+    text = format_status(get_status(daemon.address, curve=as_client(keydir, "admin")))
+    assert "forbidden by role: sensor 1" in text

@@ -102,3 +102,78 @@ def test_float_samples_outside_unit_range_are_bad_value(value):
     x = np.full((1, 1, 2, 2), 0.5, np.float32)
     x[0, 0, 1, 1] = value
     assert _code(lambda: _push(x, [0])) == ErrorCode.BAD_VALUE
+
+
+# Every documented header field and the code a wrong one earns (docs/protocol.md), written
+# out here rather than read from wire.OP_FIELDS, so the table checks the code.
+DOCUMENTED_FIELDS = {
+    "push": {"sensor": ErrorCode.BAD_REQUEST, "seq": ErrorCode.BAD_REQUEST,
+             "shape": ErrorCode.BAD_SHAPE, "dtype": ErrorCode.BAD_DTYPE,
+             "labels": ErrorCode.BAD_LABEL},
+    "snapshot.info": {"since": ErrorCode.BAD_REQUEST, "wait_ms": ErrorCode.BAD_REQUEST},
+    "snapshot.chunk": {"version": ErrorCode.BAD_REQUEST, "file": ErrorCode.BAD_REQUEST,
+                       "offset": ErrorCode.BAD_REQUEST, "size": ErrorCode.BAD_REQUEST},
+    "snapshot.rollback": {"to": ErrorCode.BAD_REQUEST},
+}
+GOOD = {"push": {"sensor": "s", "seq": 1, "shape": [1, 1, 2, 2], "dtype": "uint8",
+                 "labels": [0]},
+        "snapshot.info": {"since": 0, "wait_ms": 0},
+        "snapshot.chunk": {"version": 1, "file": "model.onnx", "offset": 0, "size": 1},
+        "snapshot.rollback": {"to": 1}}
+WRONG_TYPES = [[1], [], {"a": 1}, {}, b"xy", 1.5, float("nan"), True, [[1]], {1: [2]}]
+
+
+@pytest.mark.parametrize("op, name", [(op, name) for op, fields in DOCUMENTED_FIELDS.items()
+                                      for name in fields])
+@pytest.mark.parametrize("value", WRONG_TYPES, ids=repr)
+def test_every_field_refuses_every_wrong_type_with_its_code(op, name, value):
+    from edgecl.wire import OP_FIELDS, check_header
+    assert set(OP_FIELDS[op]) == set(DOCUMENTED_FIELDS[op]), "a field is undocumented"
+    header = {"v": PROTOCOL_VERSION, "op": op, **GOOD[op]}
+    assert check_header(header) == header  # the good header passes
+    if name == "labels" and isinstance(value, list):
+        return  # a list is the right type for labels; its items are checked by decode_push
+    assert _code(lambda: check_header({**header, name: value})) == DOCUMENTED_FIELDS[op][name]
+
+
+@pytest.mark.parametrize("op, name, value", [
+    ("push", "seq", 2**63), ("push", "seq", 2**64 - 1), ("push", "sensor", "s" * 129),
+    ("push", "shape", [1, 1, 2]), ("snapshot.chunk", "offset", 2**63),
+    ("snapshot.chunk", "offset", -1), ("snapshot.chunk", "size", 0),
+    ("snapshot.chunk", "version", -1), ("snapshot.info", "wait_ms", -1),
+    ("snapshot.info", "since", 2**64 - 1), ("snapshot.rollback", "to", -5),
+])
+def test_integers_and_lengths_are_range_checked(op, name, value):
+    from edgecl.wire import check_header
+    header = {"v": PROTOCOL_VERSION, "op": op, **GOOD[op], name: value}
+    assert _code(lambda: check_header(header)) == DOCUMENTED_FIELDS[op][name]
+
+
+def test_nil_optional_fields_are_absent_and_required_ones_are_not():
+    from edgecl.wire import check_header
+    header = check_header({"v": 1, "op": "snapshot.chunk", "version": 1, "file": "meta.json",
+                           "offset": None, "size": None, "rid": None})
+    assert "offset" not in header and "size" not in header
+    assert _code(lambda: check_header({"v": 1, "op": "snapshot.chunk", "version": None,
+                                       "file": "meta.json"})) == ErrorCode.BAD_REQUEST
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1),
+                                    st.floats(), st.text(max_size=5), st.binary(max_size=5)),
+                          lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                  st.dictionaries(st.text(max_size=3), inner,
+                                                                  max_size=3)),
+                          max_leaves=8),
+       op=st.sampled_from(sorted(DOCUMENTED_FIELDS)), data=st.data())
+def test_any_value_in_any_field_is_accepted_or_refused_with_a_code(value, op, data):
+    """Type confusion everywhere: never anything but a WireError from the header checks."""
+    from edgecl.wire import check_header
+    name = data.draw(st.sampled_from(sorted(DOCUMENTED_FIELDS[op])))
+    header = {"v": PROTOCOL_VERSION, "op": op, **GOOD[op], name: value}
+    try:
+        check_header(header)
+        if op == "push":
+            decode_push(header, b"\x00" * 4, spec=None, **LIMITS)
+    except WireError as exc:
+        assert exc.code in ErrorCode.ALL and len(exc.message) < 300

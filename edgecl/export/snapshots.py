@@ -165,11 +165,16 @@ class SnapshotStore:
         if name not in (*MODEL_FILES, META_FILE):
             raise UserError(f"unknown snapshot file {name!r}; files are "
                             f"{', '.join((*MODEL_FILES, META_FILE))}")
+        if offset < 0 or (size is not None and size < 0):
+            raise ValueError(f"offset {offset} and size {size} must not be negative")
         path = self.path(version, name)
         try:
             with open(path, "rb") as fh:
+                total = os.fstat(fh.fileno()).st_size
+                if offset >= total:  # past the end: nothing to read, and no seek to refuse
+                    return b""
                 fh.seek(offset)
-                return fh.read() if size is None else fh.read(size)
+                return fh.read() if size is None else fh.read(min(size, total - offset))
         except FileNotFoundError:
             raise UserError(f"snapshot version {version} has no {name} (published: "
                             f"{self._describe_versions()})") from None

@@ -2,11 +2,20 @@
 
     STATE/checkpoints/<stream offset covered, 20 digits>.ckpt    the newest two are kept
 
-A checkpoint file is `EDGECLC1`, the payload length (u64 little-endian), the payload's sha256,
+A checkpoint file is `EDGECLC2`, the payload length (u64 little-endian), the payload's sha256,
 then the payload: a `torch.save` of
 
     {format, covered, created, learner: OnlineLearner.state_dict(), dedup: SeenSequences state,
      counters: {...}, parts: {"heldout": ...}, snapshot_version}
+
+Loading can never run code: the payload is read with `torch.load(weights_only=True)`, whose
+unpickler builds only tensors and plain containers and refuses every other global (a planted
+`os.system` is a one-line refusal, see read_checkpoint). So that this holds, `encode` lets in
+only the types in SAFE_TYPES, and turns numpy arrays and scalars into tagged tensors or bytes
+(`to_safe`), which `read_checkpoint` turns back (`from_safe`). Anything else is refused at save
+time with the path of the offending value. Files from before (`EDGECLC1`, numpy pickled as
+such) still load: with weights_only=True and numpy's array and dtype reconstructors allowed
+(LEGACY_GLOBALS), nothing more.
 
 `covered` is the stream offset up to which every accepted push has been learned (or held out,
 or failed) in this state: the learner consumes pushes in offset order, and a checkpoint is only
@@ -35,54 +44,188 @@ from typing import Any, Callable
 
 from edgecl.errors import UserError
 from edgecl.export.snapshots import TMP_PREFIX, write_atomic
-from edgecl.serve.journal import Journal
+from edgecl.serve.journal import DurableCounter, Journal
 from edgecl.serve.queue import Batch, SeenSequences
 
 log = logging.getLogger("edgecl.checkpoints")
 
-MAGIC = b"EDGECLC1"
+MAGIC = b"EDGECLC2"
+LEGACY_MAGIC = b"EDGECLC1"          # numpy arrays pickled as numpy objects (edgecl <= 0.x)
 HEAD = struct.Struct("<8sQ32s")     # magic, payload bytes, sha256 of the payload
 SUFFIX = ".ckpt"
 KEEP = 2
-FORMAT = 1
+FORMAT = 2
+LEGACY_FORMAT = 1
 LOCK_FILE = "LOCK"
+DUPLICATES_FILE = "samples_duplicate"
 
 
 class CheckpointDamaged(Exception):
     """A checkpoint file that does not read back whole."""
 
 
+class CheckpointRefused(CheckpointDamaged):
+    """A checkpoint that reads back whole but holds something other than plain data: a
+    planted pickle. Never loaded; an older checkpoint is tried instead."""
+
+
 def encode(state: dict) -> bytes:
     import torch
 
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(to_safe(state), buf)
     payload = buf.getvalue()
     return HEAD.pack(MAGIC, len(payload), hashlib.sha256(payload).digest()) + payload
 
 
 def read_checkpoint(path: Path) -> dict:
-    """The state in `path`; CheckpointDamaged if it is short, altered or unreadable."""
-    import torch
-
+    """The state in `path`; CheckpointDamaged if it is short, altered or unreadable, and
+    CheckpointRefused if it holds anything but tensors and plain data (a planted pickle)."""
     data = Path(path).read_bytes()
     if len(data) < HEAD.size:
         raise CheckpointDamaged(f"{len(data)} bytes, shorter than the header")
     magic, length, digest = HEAD.unpack_from(data)
-    if magic != MAGIC:
+    if magic not in (MAGIC, LEGACY_MAGIC):
         raise CheckpointDamaged("not an edgecl checkpoint (bad magic)")
     payload = memoryview(data)[HEAD.size:]
     if len(payload) != length:
         raise CheckpointDamaged(f"payload is {len(payload)} bytes, header says {length}")
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointDamaged("sha256 mismatch")
-    try:
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
-    except Exception as exc:  # a payload that hashes right but does not unpickle
-        raise CheckpointDamaged(f"unreadable payload ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointDamaged(f"unknown checkpoint format {state.get('format')!r}")
+    state = from_safe(_load_weights_only(payload, legacy=magic == LEGACY_MAGIC))
+    expected = FORMAT if magic == MAGIC else LEGACY_FORMAT
+    if not isinstance(state, dict) or state.get("format") != expected:
+        raise CheckpointDamaged(f"unknown checkpoint format {_format_of(state)!r}")
     return state
+
+
+def _load_weights_only(payload, legacy: bool):
+    """torch.load that builds tensors and plain containers only; a legacy file may also
+    hold numpy arrays, dtypes and scalars. Never falls back to full pickle."""
+    import pickle
+
+    import torch
+
+    try:
+        if legacy:
+            with torch.serialization.safe_globals(_legacy_globals()):
+                return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointRefused(f"refused to load: {_unsafe_reason(exc)}; a checkpoint holds "
+                                "only tensors and plain data, so this file was planted or "
+                                "written by something else") from None
+    except Exception as exc:  # a payload that hashes right but does not unpickle
+        raise CheckpointDamaged(f"unreadable payload ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def _unsafe_reason(exc: Exception) -> str:
+    """torch's multi-paragraph refusal, cut to the line that names the global."""
+    for line in str(exc).splitlines():
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.strip()[:200]
+    return "it holds a Python object that is not allowed"
+
+
+def _format_of(state) -> Any:
+    return state.get("format") if isinstance(state, dict) else type(state).__name__
+
+
+def _legacy_globals() -> list:
+    """What an EDGECLC1 payload may reference besides torch's own safe set: numpy's array,
+    dtype and scalar reconstructors (they build data, never call anything else)."""
+    import numpy as np
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2, numpy 1
+    multiarray = multiarray.multiarray
+
+    dtype_classes = [type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDGSUV"]
+    return [(multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+            (multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+            (multiarray.scalar, "numpy.core.multiarray.scalar"),
+            (multiarray.scalar, "numpy._core.multiarray.scalar"),
+            np.ndarray, np.dtype, *dtype_classes]
+
+
+# ------------------------------------------------------------------ plain data in, plain out
+
+NDARRAY_TAG = "__edgecl_ndarray__"
+NPSCALAR_TAG = "__edgecl_npscalar__"
+SET_TAG = "__edgecl_frozenset__"
+
+
+def _safe_types() -> tuple:
+    import torch
+    return (type(None), bool, int, float, complex, str, bytes, bytearray, torch.Tensor,
+            torch.Size, torch.dtype, torch.device)
+
+
+def to_safe(obj: Any, path: str = "state") -> Any:
+    """`obj` as what weights_only=True loads: tensors, plain scalars, lists, tuples, sets
+    and dicts (OrderedDict and Counter kept); numpy arrays and scalars as tagged tensors or
+    bytes. TypeError, naming where, for anything else (e.g. a deque or an object array)."""
+    import numpy as np
+
+    if isinstance(obj, np.generic):  # before the scalars: np.float64 is a float subclass
+        return {NPSCALAR_TAG: [obj.dtype.str, to_safe(obj.item(), path)]}
+    if isinstance(obj, np.ndarray):
+        return {NDARRAY_TAG: _array_to_safe(obj, path)}
+    if isinstance(obj, _safe_types()):
+        return obj
+    if type(obj) in (list, tuple, set):
+        items = [to_safe(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return items if type(obj) is list else type(obj)(items)
+    if type(obj) is frozenset:
+        return {SET_TAG: [to_safe(v, f"{path}[]") for v in obj]}
+    if type(obj).__name__ in ("dict", "OrderedDict", "Counter") and isinstance(obj, dict):
+        out = type(obj)()
+        for key, value in obj.items():
+            out[to_safe(key, f"{path} key")] = to_safe(value, f"{path}[{key!r}]")
+        return out
+    raise TypeError(f"checkpoint state at {path} is a {type(obj).__module__}."
+                    f"{type(obj).__qualname__}, which a checkpoint may not hold (tensors, "
+                    "numpy arrays, plain scalars, lists, tuples, sets and dicts only)")
+
+
+def _array_to_safe(array, path: str) -> dict:
+    import torch
+
+    if array.dtype.hasobject:
+        raise TypeError(f"checkpoint state at {path} is a numpy object array, which a "
+                        "checkpoint may not hold")
+    array = array.copy()  # contiguous, owns its memory, never aliased by the saved tensor
+    if array.dtype.isnative and array.dtype.kind in "biufc" and array.dtype.itemsize <= 16:
+        try:
+            return {"dtype": array.dtype.str, "tensor": torch.from_numpy(array)}
+        except TypeError:  # a dtype torch has no tensor for (uint16 on old torch, ...)
+            pass
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "bytes": array.tobytes()}
+
+
+def from_safe(obj: Any) -> Any:
+    """Undo to_safe: tagged arrays and scalars become numpy again, every container walked."""
+    import numpy as np
+
+    if type(obj) is dict and len(obj) == 1:
+        (tag, value), = obj.items()
+        if tag == NDARRAY_TAG:
+            dtype = np.dtype(value["dtype"])
+            if "tensor" in value:
+                return value["tensor"].numpy().astype(dtype, copy=False)
+            return np.frombuffer(bytearray(value["bytes"]), dtype).reshape(value["shape"])
+        if tag == NPSCALAR_TAG:
+            return np.dtype(value[0]).type(value[1])
+        if tag == SET_TAG:
+            return frozenset(from_safe(v) for v in value)
+    if isinstance(obj, dict):
+        out = type(obj)()
+        for key, value in obj.items():
+            out[from_safe(key)] = from_safe(value)
+        return out
+    if type(obj) in (list, tuple, set):
+        items = [from_safe(v) for v in obj]
+        return items if type(obj) is list else type(obj)(items)
+    return obj
 
 
 class CheckpointStore:
@@ -115,6 +258,11 @@ class CheckpointStore:
         for path in reversed(paths):
             try:
                 return read_checkpoint(path), path
+            except CheckpointRefused as exc:
+                aside = path.with_name(path.name + ".refused")
+                os.replace(path, aside)  # kept for inspection, out of the way of pruning
+                log.error("checkpoint %s: %s; moved to %s, trying an older one", path, exc,
+                          aside.name)
             except (CheckpointDamaged, OSError) as exc:
                 log.warning("checkpoint %s does not read back (%s); trying an older one", path,
                             exc)
@@ -147,6 +295,8 @@ class StateKeeper:
         except OSError as exc:
             raise UserError(f"cannot use {daemon.state_dir / 'checkpoints'}: "
                             f"{exc.strerror or exc}") from None
+        self.duplicates = DurableCounter(daemon.state_dir / DUPLICATES_FILE,
+                                         fsync=journal.fsync == "batch")
         self._parts: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
         self._saved_parts: dict = {}
         # Learner thread's record of what it consumed: covered offset, dedup, batch count.
@@ -165,7 +315,15 @@ class StateKeeper:
 
     def restore(self) -> None:
         """Newest whole checkpoint into the learner and the daemon's counters and dedup
-        record, then the journal's later records into dedup and offsets."""
+        record, then the journal's later records into dedup and offsets. On failure (a full
+        disk, ...) the state directory's lock is freed, so a retry in this process can run."""
+        try:
+            self._restore()
+        except BaseException:
+            self.close()
+            raise
+
+    def _restore(self) -> None:
         daemon = self.daemon
         loaded = self.store.load_newest()
         if loaded is not None:
@@ -177,6 +335,8 @@ class StateKeeper:
             if hasattr(daemon, "note_classes"):
                 daemon.note_classes(record.labels)
         daemon._next_offset = next_offset
+        # counted at every duplicate, so newer than the checkpoint's copy (if the file exists)
+        daemon.samples_duplicate = max(daemon.samples_duplicate, self.duplicates.value)
         daemon.samples_received = next_offset
         daemon.batches_received = self.batches_covered + len(records)
         self.replay_end = next_offset
@@ -321,8 +481,13 @@ class StateKeeper:
     def _publish(self) -> None:
         self.daemon.update_status(checkpoint=dict(self.status))
 
+    def note_duplicates(self, total: int) -> None:
+        """The socket loop answered a duplicate: keep the new total on disk before the ack."""
+        self.duplicates.set(total)
+
     def close(self) -> None:
         self.journal.close()
+        self.duplicates.close()
         self._lock_file.close()
 
 

@@ -242,9 +242,14 @@ def format_status(status: dict, address: str = "") -> str:
             if error:
                 rows.append(("storage error", error))
     if status.get("curve") is not None:
-        rows.insert(1, ("security", f"CURVE, {status.get('curve_refused', 0)} unlisted keys "
-                                    "refused" if status["curve"] else
-                                    "no CURVE: unencrypted, open to anyone who reaches the port"))
+        security = "no CURVE: unencrypted, open to anyone who reaches the port"
+        if status["curve"]:
+            security = f"CURVE, {status.get('curve_refused', 0)} unlisted keys refused"
+            by_role = status.get("refused_by_role") or {}
+            forbidden = ", ".join(f"{role} {n}" for role, n in by_role.items() if n)
+            if forbidden:
+                security += f"; forbidden by role: {forbidden}"
+        rows.insert(1, ("security", security))
     if status.get("learner_error"):
         rows.append(("last error", status["learner_error"]))
     refused_snapshot = status.get("snapshot_last_failure")

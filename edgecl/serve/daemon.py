@@ -45,12 +45,13 @@ import zmq
 from edgecl import __version__
 from edgecl.config import Config, resolve_state_dir
 from edgecl.errors import UserError
-from edgecl.security import server_curve
+from edgecl.security import ROLES, server_curve
 from edgecl.serve.checkpoints import StateKeeper
 from edgecl.serve.journal import Journal, StorageError
 from edgecl.serve.queue import Batch, IngestQueue, SeenSequences
-from edgecl.wire import (PROTOCOL_VERSION, ErrorCode, InputSpec, WireError, decode_push,
-                         error_reply, ok_reply, pack, unpack_header)
+from edgecl.wire import (PROTOCOL_VERSION, ErrorCode, InputSpec, WireError, check_frames,
+                         check_header, decode_header, decode_push, error_reply, ok_reply,
+                         pack, request_rid, show_value)
 
 log = logging.getLogger("edgecl.serve")
 
@@ -209,7 +210,7 @@ class Daemon:
         for sock in (router, pub):
             sock.setsockopt(zmq.LINGER, 0)
             if self.curve is not None:
-                self.curve.apply(sock)
+                self.curve.apply(sock, announcements=sock is pub)
         # A hard guard against memory exhaustion; pushes up to max_push_bytes get a proper
         # too_large reply, only absurd messages are dropped by ZeroMQ (the peer is disconnected).
         router.setsockopt(zmq.MAXMSGSIZE, 4 * serve.max_push_bytes + 2**20)
@@ -232,11 +233,12 @@ class Daemon:
         self._router, self._pub = router, pub
         if serve.metrics_port:
             from edgecl.serve.metrics import start_metrics_server
-            self._metrics_server = start_metrics_server(serve.metrics_port, serve.bind,
+            self._metrics_server = start_metrics_server(serve.metrics_port, serve.metrics_bind,
                                                         self.status)
         log.info("listening on tcp://%s:%d (requests), tcp://%s:%d (announcements)%s",
                  serve.bind, self.port, serve.bind, self.pub_port,
-                 f", metrics on :{serve.metrics_port}" if serve.metrics_port else "")
+                 f", metrics on http://{serve.metrics_bind}:{serve.metrics_port}/metrics"
+                 if serve.metrics_port else "")
         if self.curve is not None:
             log.info("CURVE on: encrypted, admitting the %d client keys in %s",
                      len(self.curve.allowed), self.curve.allowed_dir)
@@ -398,30 +400,31 @@ class Daemon:
             envelope, body = frames[:1], frames[1:]
         header: dict = {}
         try:
-            if not 1 <= len(body) <= 2:
-                raise WireError(ErrorCode.BAD_REQUEST,
-                                f"expected a header frame and at most one payload frame, "
-                                f"got {len(body)} frames")
+            if not body:
+                raise WireError(ErrorCode.BAD_REQUEST, "expected a header frame, got none")
             serve = self.config.serve
-            header = unpack_header(body[0].bytes, max_bytes=serve.max_header_bytes,
+            header = decode_header(body[0].bytes, max_bytes=serve.max_header_bytes,
                                    max_depth=serve.max_header_depth)
-            payload = body[1].buffer if len(body) == 2 else None
+            header = check_header(header)
             op = header["op"]
+            if op != "push" and op not in self._ops:
+                raise WireError(ErrorCode.UNKNOWN_OP,
+                                f"unknown op {show_value(op)}; this daemon serves "
+                                f"{', '.join(sorted(['push', *self._ops]))}")
+            check_frames(op, len(body))  # after the header: even this error echoes rid
+            if self.curve is not None:
+                self.curve.authorize(op, body[0])  # the sending key's role (docs/security.md)
+            payload = body[1].buffer if len(body) == 2 else None
             if op == "push":
                 reply = self._op_push(header, payload)
-            elif op in self._ops:
+            else:
                 fields = self._ops[op](header, payload)
                 if fields is None and op in self._long_poll_ops:
-                    wait_ms = header.get("wait_ms")
-                    wait_ms = wait_ms if type(wait_ms) is int and wait_ms > 0 else 0
+                    wait_ms = header.get("wait_ms") or 0
                     deadline = time.monotonic() + min(wait_ms, MAX_LONG_POLL_MS) / 1000
                     self._parked.append((deadline, envelope, header, payload))
                     return
                 reply = ok_reply(header.get("rid"), **(fields or {}))
-            else:
-                raise WireError(ErrorCode.UNKNOWN_OP,
-                                f"unknown op {op!r}; this daemon serves "
-                                f"{', '.join(sorted(['push', *self._ops]))}")
         except WireError as exc:
             self.refused[exc.code] += 1
             reply = self._error(header, exc.code, exc.message)
@@ -460,8 +463,7 @@ class Daemon:
         seq = header.get("seq")
         if type(seq) is int:
             fields["seq"] = seq
-        rid = header.get("rid") if isinstance(header, dict) else None
-        return error_reply(code, message, rid, **fields)
+        return error_reply(code, message, request_rid(header), **fields)
 
     def _op_ping(self, header: dict, payload) -> dict:
         return {"op": "pong", "protocol": PROTOCOL_VERSION, "version": __version__,
@@ -480,6 +482,7 @@ class Daemon:
         if previous is not None:
             first, n = previous
             self.samples_duplicate += n
+            self.keeper.note_duplicates(self.samples_duplicate)
             return ok_reply(rid, seq=request.seq, n=n, range=[first, first + n],
                             duplicate=True, credit=self._credit(request.x.nbytes))
         if not self.accepting:
@@ -576,13 +579,20 @@ class Daemon:
                             f"{recorded.as_dict()} recorded in {path}; use another --state-dir "
                             "or delete that file")
         spec = configured or recorded
-        if spec is not None:
-            self._write_spec(spec)
+        if spec is not None and spec != recorded:
+            try:
+                self._write_spec(spec)
+            except OSError as exc:
+                raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
         return spec
 
     def _fix_spec(self, spec: InputSpec) -> None:
         self.spec = spec
-        self._write_spec(spec)
+        try:
+            self._write_spec(spec)
+        except OSError as exc:  # the push is already journaled and acked: keep serving
+            log.error("cannot record the input spec in %s (%s); it holds for this run",
+                      self.state_dir / SPEC_FILE, exc.strerror or exc)
         log.info("input spec fixed by the first push: %s", spec.as_dict())
 
     def _write_spec(self, spec: InputSpec) -> None:
@@ -731,6 +741,8 @@ class Daemon:
             "learner_error": learner_error,
             "curve": self.curve is not None,
             "curve_refused": self.curve.refused if self.curve is not None else 0,
+            "refused_by_role": (dict(self.curve.refused_by_role) if self.curve is not None
+                                else {role: 0 for role in ROLES}),
         }
         status.update(extra)
         status["journal"] = self.journal.stats()
