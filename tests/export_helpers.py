@@ -43,3 +43,22 @@ def fitted_student(x: np.ndarray, labels: list, label_names: list, shape=SHAPE, 
         model.head.weight.copy_(2 * means * scale)
         model.head.bias.copy_(-(means ** 2).sum(1) * scale)
     return model
+
+
+def misscale_int8(blob: bytes, factor: float, last_only: bool = True) -> bytes:
+    """A deliberately damaged int8 model: the dequantization scale of the int8 weights (of the
+    last weight tensor, the head, or of all of them) multiplied by `factor`, as a quantizer
+    that got its scales wrong would leave it."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_from_string(blob)
+    inits = {t.name: t for t in proto.graph.initializer}
+    weight_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+                 and n.input[0] in inits
+                 and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+    for node in weight_dq[-1:] if last_only else weight_dq:
+        scale = inits[node.input[1]]
+        scaled = numpy_helper.to_array(scale).astype(np.float32) * np.float32(factor)
+        scale.CopyFrom(numpy_helper.from_array(scaled, scale.name))
+    return proto.SerializeToString()

@@ -43,7 +43,7 @@ FILES = (*MODEL_FILES, META_FILE)
 
 def thresholds(settings: SnapshotConfig) -> ParityThresholds:
     return ParityThresholds(settings.gate_max_abs_logit, settings.gate_min_int8_agreement,
-                            settings.gate_max_accuracy_drop)
+                            settings.gate_max_accuracy_drop, settings.gate_alpha)
 
 
 @dataclass
