@@ -220,20 +220,27 @@ def test_pull_starts_over_when_its_version_is_pruned_midway(start_daemon, tmp_pa
     assert verify_installed(tmp_path / "device")["version"] == 2
 
 
+def wait_learned(daemon, n: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while get_status(daemon.address)["samples_learned"] < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_cli_export_pull_rollback(start_daemon, tmp_path, capsys):
     from edgecl.cli import main
 
     daemon = start_daemon(every_samples=10_000)  # only on demand
     push_all(daemon)
-    deadline = time.monotonic() + 60
-    while get_status(daemon.address)["samples_learned"] < len(Y) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert main(["export", "--from", daemon.address, "--wait-ms", "60000"]) == 0
+    wait_learned(daemon, len(Y))
+    assert main(["export", "--from", daemon.address, "--wait-ms", "60000", "--json"]) == 0
     exported = json.loads(capsys.readouterr().out)
+    assert exported["outcome"] == "published"
     assert exported["version"] == 1 and exported["bytes"][INT8_FILE] > 0
-    # nothing learned since: a second request publishes nothing
-    assert main(["export", "--from", daemon.address, "--wait-ms", "500"]) == 1
-    capsys.readouterr()
+    assert exported["checks"]["accuracy"]["verdict"] == "pass"
+    assert exported["checks"]["accuracy"]["n"] > 0 and exported["failures"] == []
+    # nothing learned since: a second request publishes nothing, and says so (exit 3)
+    assert main(["export", "--from", daemon.address, "--wait-ms", "30000"]) == 3
+    assert "nothing new learned since the last export" in capsys.readouterr().out
 
     out = tmp_path / "device"
     assert main(["pull", "--from", daemon.address, "--out", str(out), "--int8-only"]) == 0
@@ -244,3 +251,55 @@ def test_cli_export_pull_rollback(start_daemon, tmp_path, capsys):
     assert "older version" in capsys.readouterr().err
     assert main(["rollback", "--from", daemon.address, "--to", "1"]) == 0
     assert "published version 2" in capsys.readouterr().out
+
+
+def test_cli_export_prints_the_gate_and_exits_per_outcome(start_daemon, capsys):
+    """published 0 (with the gate's figures), timed out 5, rejected 4 (with the reason)."""
+    from edgecl.cli import main
+
+    daemon = start_daemon(every_samples=10_000)
+    push_all(daemon)  # 30 per class: one of each class held out
+    wait_learned(daemon, len(Y))
+    assert main(["export", "--from", daemon.address, "--wait-ms", "60000"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("published snapshot 1 (")
+    assert "parity gate passed:" in text and "McNemar p =" in text
+    assert "top-1 agreement" in text and "max |dlogit|" in text
+
+    with SensorClient(daemon.address, sensor="cam-b") as client:
+        client.push(X[:40], Y[:40])
+    wait_learned(daemon, len(Y) + 40)
+    # An export takes far longer than 50 ms: the wait ends first.
+    assert main(["export", "--from", daemon.address, "--wait-ms", "50"]) == 5
+    assert "no outcome within 50 ms" in capsys.readouterr().out
+    wait_version(daemon, since=1)  # that export still publishes (version 2)
+    daemon.stop()
+    assert daemon.join(30) is not None
+
+    strict = start_daemon(every_samples=10_000, gate_max_abs_logit=-1.0)
+    with SensorClient(strict.address, sensor="cam2") as client:
+        client.push(X[:40], Y[:40])
+    wait_learned(strict, 40)
+    notes, stop = [], threading.Event()
+    device = DeviceClient(strict.address, daemon.config.serve.state_dir + "-device")
+    watcher = threading.Thread(target=device.watch, kwargs={
+        "on_reject": notes.append, "stop": stop, "poll_ms": 10_000}, daemon=True)
+    watcher.start()
+    time.sleep(0.5)  # let the subscription reach the publisher
+    try:
+        assert main(["export", "--from", strict.address, "--wait-ms", "60000"]) == 4
+        text = capsys.readouterr().out
+        assert text.startswith("rejected by the parity gate at ")
+        assert "devices keep version 2" in text and "REJECTED fp32 ONNX vs torch" in text
+        assert "passed int8 held-out accuracy" in text  # the int8 checks' figures too
+        deadline = time.monotonic() + 10
+        while not notes and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert notes and "max |dlogit|" in notes[0]["failures"][0]
+    from edgecl.export.commands import rejection_line
+    line = rejection_line(notes[0], 2)
+    assert line.startswith(f"snapshot at {notes[0]['samples_learned']} samples rejected by the "
+                           "parity gate, keeping version 2: fp32 ONNX vs torch")
