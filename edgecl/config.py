@@ -119,7 +119,8 @@ class SnapshotConfig:
 
     enabled: bool = True
     every_samples: int = 1000          # export after this many newly learned samples; 0 = off
-    every_s: float = 0.0               # and/or after this many seconds; 0 = off
+    every_s: float = 5.0               # and/or this many seconds after the last export
+                                       # ended (at least as long as it took); 0 = off
     keep: int = 5                      # versions kept for rollback
     heldout_every: int = 20            # 1 in N samples per class is held out, never learned
     heldout_per_class: int = 20        # held-out reservoir size per class

@@ -128,3 +128,27 @@ def test_wrongly_scaled_int8_is_rejected_with_the_reason(student, per_class):
     assert any("int8 is worse" in f and "McNemar p" in f for f in report.failures)
     assert report.checks["agreement"]["verdict"] == "reject"
     assert report.as_dict()["checks"]["accuracy"]["fp32_only"] > 0
+
+
+def test_freshness_ages_are_weighted_per_sample_and_survive_a_rejection():
+    from types import SimpleNamespace as Push
+
+    from edgecl.export.freshness import Freshness, weighted_quantile
+
+    assert weighted_quantile([(1.0, 1), (5.0, 9)], 0.5) == 5.0
+    assert weighted_quantile([(1.0, 9), (5.0, 1)], 0.5) == 1.0
+    assert weighted_quantile([(1.0, 94), (5.0, 6)], 0.95) == 5.0
+    fresh = Freshness()
+    assert fresh.summary() is None
+    batches = [Push(accepted_at=100.0, n=10), Push(accepted_at=104.0, n=30)]
+    fresh.learned(batches)
+    fresh.learned(batches)  # the same step seen again (an idle hook): counted once
+    covered = fresh.take()
+    assert [n for _, _, n in covered] == [10, 30]
+    fresh.rejected(covered)  # not published: the next snapshot covers them
+    fresh.learned([Push(accepted_at=108.0, n=10)])
+    fresh.published(fresh.take(), at=110.0)
+    age = fresh.summary()
+    assert age["samples"] == 50
+    assert age["median_s"] == 6.0 and age["p95_s"] == 10.0  # 10 at 10 s, 30 at 6 s, 10 at 2 s
+    assert fresh.take() == []

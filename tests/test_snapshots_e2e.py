@@ -28,6 +28,7 @@ def make_config(tmp_path, **snapshots) -> Config:
     config.serve.stats_interval_s = 0.05
     config.learner = {"buffer_size": 40, "seed": 0, "method": "er", "threads": 1}
     config.snapshots.every_samples = 100
+    config.snapshots.every_s = 0  # versions appear only where a test expects them
     # A barely trained model flips int8 top-1 on near ties; these tests are about transport,
     # so the int8 checks are relaxed here (test_export_onnx covers the gate itself).
     config.snapshots.gate_min_int8_agreement = 0.0
@@ -65,7 +66,11 @@ def test_pull_over_the_wire_and_infer(start_daemon, tmp_path):
     assert info["version"] == 1
     assert info["meta"]["samples_learned"] >= 100
     assert info["meta"]["heldout"]["n"] > 0  # the daemon held samples back
-    assert get_status(daemon.address)["snapshot_version"] == 1
+    status = get_status(daemon.address)
+    assert status["snapshot_version"] == 1
+    age = status["snapshot_age"]  # ack -> first published snapshot that learned it
+    assert age["samples"] >= 100
+    assert 0 <= age["queue_median_s"] <= age["median_s"] <= age["p95_s"]
 
     assert device.pull() == 1
     out = tmp_path / "device"
@@ -303,3 +308,27 @@ def test_cli_export_prints_the_gate_and_exits_per_outcome(start_daemon, capsys):
     line = rejection_line(notes[0], 2)
     assert line.startswith(f"snapshot at {notes[0]['samples_learned']} samples rejected by the "
                            "parity gate, keeping version 2: fp32 ONNX vs torch")
+
+
+def test_after_a_rejection_the_next_try_comes_after_a_quarter_period(start_daemon):
+    """A rejected export used to push the next try a whole every_samples away, so devices
+    kept an old model for that long (issue 16); now a quarter of it."""
+    daemon = start_daemon(gate_max_abs_logit=-1.0)  # every export is rejected
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"snapshot.rejected")
+    sub.connect(f"tcp://127.0.0.1:{daemon.pub_port}")
+    time.sleep(0.3)
+    try:
+        push_all(daemon)  # 120 pushed: one try at >= 100 learned
+        assert sub.poll(60_000)
+        first = msgpack.unpackb(sub.recv_multipart()[1])
+        assert first["rejected"] and first["version"] is None
+        wait_learned(daemon, len(Y))
+        with SensorClient(daemon.address, sensor="cam-b") as client:
+            client.push(X[:30], Y[:30])  # 25+ more learned is a quarter of 100
+        assert sub.poll(60_000)
+        second = msgpack.unpackb(sub.recv_multipart()[1])
+    finally:
+        sub.close(linger=0)
+    assert first["samples_learned"] + 25 <= second["samples_learned"] < \
+        first["samples_learned"] + 100

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgecl.export.freshness import Freshness
 from edgecl.export.heldout import HeldOutSlice
 from edgecl.export.onnx import ParityThresholds, copy_model, export_student
 from edgecl.export.snapshots import (META_FILE, MODEL_FILES, SnapshotRejected, SnapshotStore,
@@ -70,6 +71,7 @@ class _Job:
     samples_learned: int
     reason: str
     ticket: int = 0     # export requests issued up to the copy: this job settles them
+    covered: list = None  # Freshness records of the pushes learned since the last copy
 
 
 class HeldOutRouter:
@@ -110,12 +112,14 @@ class SnapshotService:
         # "nothing new learned" is judged against this, not against the newest snapshot,
         # which an earlier run may have made from a learner we no longer have.
         self._last_samples = int(getattr(daemon.learner, "samples_learned", 0) or 0)
-        self._last_time = time.monotonic()
+        self._last_time = time.monotonic()  # when the last export ended (export thread)
+        self._last_export_s = 0.0             # how long it took
         self._lock = threading.Lock()
         self._last_failure = self.store.last_failure()
         self._period_scale = 1.0  # RETRY_FRACTION after a rejection, 1 after a publish
         self._tickets = 0         # snapshot.export requests with wait_ms, issued (socket loop)
         self._outcomes: list[tuple[int, dict]] = []  # (tickets settled up to, outcome)
+        self.freshness = Freshness()
         self._thread = threading.Thread(target=self._export_loop, name="edgecl-export",
                                         daemon=True)
         self._thread.start()
@@ -129,6 +133,7 @@ class SnapshotService:
         if final:
             self.finish()
             return
+        self.freshness.learned(getattr(self.daemon, "current_batches", None))
         if not self._idle.is_set():
             return  # one export at a time; the next step will try again
         learned = int(getattr(learner, "samples_learned", samples_learned))
@@ -139,10 +144,11 @@ class SnapshotService:
                 self._settle_nothing_new(learned)
             return
         job = self._copy(learner, learned, reason)
+        job.covered = self.freshness.take()
         with self._lock:
             job.ticket = self._tickets
             self._requested.clear()
-        self._last_samples, self._last_time = learned, time.monotonic()
+        self._last_samples = learned
         self._idle.clear()
         self._jobs.put(job)
 
@@ -154,7 +160,10 @@ class SnapshotService:
             return "requested"
         if s.every_samples and learned - self._last_samples >= s.every_samples * scale:
             return f"every {s.every_samples * scale:g} samples"
-        if s.every_s and time.monotonic() - self._last_time >= s.every_s * scale:
+        # Timed exports count from the end of the last one and wait at least as long as it
+        # took, so exporting never takes more than half the time, whatever the load.
+        gap = max(s.every_s * scale, self._last_export_s)
+        if s.every_s and time.monotonic() - self._last_time >= gap:
             return f"every {s.every_s * scale:g} s"
         return None
 
@@ -193,9 +202,12 @@ class SnapshotService:
             job = self._jobs.get()
             if job is None:
                 return
+            started = time.monotonic()
             try:
                 self._run(job)
             finally:
+                self._last_time = time.monotonic()
+                self._last_export_s = self._last_time - started
                 self._idle.set()
 
     def _run(self, job: _Job) -> None:
@@ -211,10 +223,12 @@ class SnapshotService:
             return
         except Exception as exc:
             log.exception("snapshot export failed at %d samples", job.samples_learned)
+            self.freshness.rejected(job.covered or [])
             self._settle(job.ticket, {"outcome": "failed", "samples_learned": job.samples_learned,
                                       "message": f"{type(exc).__name__}: {exc}"})
             return
         self._period_scale = 1.0
+        self.freshness.published(job.covered or [])
         log.info("snapshot %d published (%s, %d samples, %.1f s)", version, job.reason,
                  job.samples_learned, time.perf_counter() - started)
         self.announce(version)
@@ -227,6 +241,7 @@ class SnapshotService:
     def _rejected(self, job: _Job, exc: SnapshotRejected) -> None:
         """Status, the log, a PUB line for devices, and an earlier retry."""
         self._period_scale = RETRY_FRACTION
+        self.freshness.rejected(job.covered or [])
         with self._lock:
             self._last_failure = self.store.last_failure()
         self._update_status()
@@ -357,7 +372,7 @@ class SnapshotService:
             snapshot_last_failure=None if failure is None else
             {"time": failure.get("time"), "samples_learned": failure.get("samples_learned"),
              "failures": failure.get("failures")},
-            heldout_samples=len(self.heldout))
+            heldout_samples=len(self.heldout), snapshot_age=self.freshness.summary())
 
 
 def attach(daemon) -> SnapshotService | None:
