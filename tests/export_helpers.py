@@ -8,12 +8,24 @@ gate needs to be meaningful.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from edgecl.models import build_student
 
 SHAPE = (1, 16, 16)
 CLASSES = 4
+NAMES = [f"class-{k}" for k in range(CLASSES)]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny graphs: a second torch thread only adds spin-waiting on a shared 2-core box.
+    A test module uses it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def blob_images(n_per_class: int, classes: int = CLASSES, shape=SHAPE, seed: int = 0):

@@ -3,25 +3,16 @@ real exports (a faithful int8 model passes on small and large held-out slices, a
 scaled one is rejected with the reason shown)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
 from edgecl.export.gate import (binom_sf, disagreement_lower_bound, judge_accuracy,
                                 judge_agreement, mcnemar_p, min_detectable_drop,
                                 power_accuracy, power_agreement)
 from edgecl.export.onnx import check_parity, export_student, label_indices, to_model_input
-from export_helpers import CLASSES, SHAPE, blob_images, fitted_student, misscale_int8
+from export_helpers import (CLASSES, NAMES, SHAPE, blob_images, fitted_student,  # noqa: F401
+                            misscale_int8, one_torch_thread)
 
-NAMES = [f"class-{k}" for k in range(CLASSES)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def paired(n: int, fp32_only: int, int8_only: int, both_wrong: int = 0):

@@ -10,18 +10,10 @@ from edgecl.errors import UserError
 from edgecl.export.onnx import (ParityThresholds, check_parity, export_fp32, export_student,
                                 label_indices, quantize_int8, read_metadata, run, session,
                                 to_model_input, torch_logits)
-from export_helpers import CLASSES, SHAPE, blob_images, fitted_student, misscale_int8
+from export_helpers import (CLASSES, NAMES, SHAPE, blob_images, fitted_student,  # noqa: F401
+                            misscale_int8, one_torch_thread)
 
-NAMES = [f"class-{k}" for k in range(CLASSES)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny graphs: a second torch thread only adds spin-waiting on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
