@@ -66,11 +66,16 @@ def test_pull_over_the_wire_and_infer(start_daemon, tmp_path):
     assert info["version"] == 1
     assert info["meta"]["samples_learned"] >= 100
     assert info["meta"]["heldout"]["n"] > 0  # the daemon held samples back
-    status = get_status(daemon.address)
+    deadline = time.monotonic() + 10  # status is updated just after the store (a few ms)
+    while (status := get_status(daemon.address))["snapshot_version"] != 1 and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)
     assert status["snapshot_version"] == 1
     age = status["snapshot_age"]  # ack -> first published snapshot that learned it
     assert age["samples"] >= 100
     assert 0 <= age["queue_median_s"] <= age["median_s"] <= age["p95_s"]
+    from edgecl.serve.commands import format_status
+    assert "sample to snapshot median" in format_status(status, daemon.address)
 
     assert device.pull() == 1
     out = tmp_path / "device"
@@ -208,6 +213,9 @@ def test_chunk_op_rejects_bad_requests(start_daemon):
                                 ({"version": 9, "file": INT8_FILE}, "not available")):
             with pytest.raises(RequestRefused, match=message):
                 conn.request("snapshot.chunk", **fields)
+        for wait_ms in ("soon", -1, 1.5):
+            with pytest.raises(RequestRefused, match="wait_ms"):
+                conn.request("snapshot.export", wait_ms=wait_ms)
 
 
 def test_pull_starts_over_when_its_version_is_pruned_midway(start_daemon, tmp_path):

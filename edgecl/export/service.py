@@ -227,8 +227,9 @@ class SnapshotService:
             self._settle(job.ticket, {"outcome": "failed", "samples_learned": job.samples_learned,
                                       "message": f"{type(exc).__name__}: {exc}"})
             return
-        self._period_scale = 1.0
         self.freshness.published(job.covered or [])
+        self._update_status()  # status follows the store as closely as it can
+        self._period_scale = 1.0
         log.info("snapshot %d published (%s, %d samples, %.1f s)", version, job.reason,
                  job.samples_learned, time.perf_counter() - started)
         self.announce(version)
