@@ -105,8 +105,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def rejection_line(note: dict, installed: int | None) -> str:
     """`pull --watch`'s line for a `snapshot.rejected` announcement."""
+    reasons = "; ".join(note.get("failures") or ["no reason given"])
     return (f"snapshot at {note.get('samples_learned')} samples rejected by the parity gate, "
-            f"keeping version {installed}: {'; '.join(note.get('failures') or ['no reason given'])}")
+            f"keeping version {installed}: {reasons}")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -171,7 +172,8 @@ def gate_lines(parity: dict) -> list[str]:
         check = (parity.get("checks") or {}).get(name)
         if check and check.get("verdict") == "pass":
             lines.append(f"  passed {check['reason']}")
-    if "max_abs_logit_diff" in parity and parity.get("fp32_top1_match") == 1.0:
+    conversion_failed = any(f.startswith("fp32 ONNX vs torch") for f in parity.get("failures", []))
+    if "max_abs_logit_diff" in parity and not conversion_failed:
         lines.append(f"  passed fp32 ONNX vs torch: max |dlogit| "
                      f"{parity['max_abs_logit_diff']:.1e}, top-1 identical on "
                      f"{parity.get('n_torch')} samples")

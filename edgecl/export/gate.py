@@ -94,8 +94,9 @@ def judge_agreement(disagree: int, n: int, min_agreement: float,
     head = (f"int8 vs fp32 top-1 agreement {agreement:.1%} on {n} samples ({disagree} differ; "
             f"allowed {allowed:.0%} = agreement {min_agreement:.0%}): p = {p:.3g}")
     if n and p < alpha:
-        figures.update(verdict="reject", reason=f"{head} < {alpha:g}: the disagreement rate is "
-                                                f"at least {lower:.1%} (one-sided {1 - alpha:.4g} bound)")
+        figures.update(verdict="reject",
+                       reason=f"{head} < {alpha:g}: the disagreement rate is at least "
+                              f"{lower:.1%} (one-sided {1 - alpha:.4g} bound)")
     elif disagree / max(n, 1) > allowed:
         figures.update(verdict="pass", reason=f"{head} >= {alpha:g}: within what {n} samples "
                                               "can explain")
