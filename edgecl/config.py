@@ -130,7 +130,8 @@ class SnapshotConfig:
 
     enabled: bool = True
     every_samples: int = 1000          # export after this many newly learned samples; 0 = off
-    every_s: float = 0.0               # and/or after this many seconds; 0 = off
+    every_s: float = 5.0               # and/or this many seconds after the last export
+                                       # ended (at least as long as it took); 0 = off
     keep: int = 5                      # versions kept for rollback
     heldout_every: int = 20            # 1 in N samples per class is held out, never learned
     heldout_per_class: int = 20        # held-out reservoir size per class
@@ -139,6 +140,7 @@ class SnapshotConfig:
     gate_max_abs_logit: float = 1e-3   # fp32 ONNX vs torch
     gate_min_int8_agreement: float = 0.98  # int8 vs fp32 top-1, fraction
     gate_max_accuracy_drop: float = 0.01   # fp32 - int8 held-out accuracy, fraction
+    gate_alpha: float = 0.05           # int8 checks reject only if significant at this level
 
     def check(self) -> None:
         for key in ("every_samples", "every_s"):
@@ -147,6 +149,9 @@ class SnapshotConfig:
         for key in ("keep", "chunk_bytes", "credit", "heldout_per_class"):
             if getattr(self, key) < 1:
                 raise UserError(f"snapshots.{key}: must be at least 1, got {getattr(self, key)}")
+        if not 0.0 < self.gate_alpha < 1.0:
+            raise UserError(f"snapshots.gate_alpha: a significance level between 0 and 1 "
+                            f"(exclusive), got {self.gate_alpha}")
         if self.heldout_every < 2:
             raise UserError(f"snapshots.heldout_every: must be at least 2, got "
                             f"{self.heldout_every}")

@@ -210,6 +210,7 @@ class Field:
 RID_FIELD = Field("scalar", high=MAX_RID_CHARS,
                   what=f"a scalar (str and bin up to {MAX_RID_CHARS} bytes)")
 VERSION_FIELD = Field(int, low=0, high=INT64_MAX, what="a version number >= 0")
+WAIT_FIELD = Field(int, low=0, high=INT64_MAX, what="milliseconds >= 0")
 
 # The fields of every documented op (docs/protocol.md). Unknown fields are ignored.
 OP_FIELDS: dict[str, dict[str, Field]] = {
@@ -225,15 +226,14 @@ OP_FIELDS: dict[str, dict[str, Field]] = {
     },
     "ping": {},
     "status": {},
-    "snapshot.info": {"since": VERSION_FIELD,
-                      "wait_ms": Field(int, low=0, high=INT64_MAX, what="milliseconds >= 0")},
+    "snapshot.info": {"since": VERSION_FIELD, "wait_ms": WAIT_FIELD},
     "snapshot.chunk": {
         "version": Field(int, True, 0, INT64_MAX, what="a version number >= 0"),
         "file": Field(str, True, 1, 64, what="a file name"),
         "offset": Field(int, low=0, high=INT64_MAX, what="a byte offset >= 0"),
         "size": Field(int, low=1, high=INT64_MAX, what="a byte count > 0"),
     },
-    "snapshot.export": {},
+    "snapshot.export": {"wait_ms": WAIT_FIELD},
     "snapshot.rollback": {"to": VERSION_FIELD},
 }
 

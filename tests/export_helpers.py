@@ -8,12 +8,24 @@ gate needs to be meaningful.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from edgecl.models import build_student
 
 SHAPE = (1, 16, 16)
 CLASSES = 4
+NAMES = [f"class-{k}" for k in range(CLASSES)]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny graphs: a second torch thread only adds spin-waiting on a shared 2-core box.
+    A test module uses it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def blob_images(n_per_class: int, classes: int = CLASSES, shape=SHAPE, seed: int = 0):
@@ -43,3 +55,22 @@ def fitted_student(x: np.ndarray, labels: list, label_names: list, shape=SHAPE, 
         model.head.weight.copy_(2 * means * scale)
         model.head.bias.copy_(-(means ** 2).sum(1) * scale)
     return model
+
+
+def misscale_int8(blob: bytes, factor: float, last_only: bool = True) -> bytes:
+    """A deliberately damaged int8 model: the dequantization scale of the int8 weights (of the
+    last weight tensor, the head, or of all of them) multiplied by `factor`, as a quantizer
+    that got its scales wrong would leave it."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_from_string(blob)
+    inits = {t.name: t for t in proto.graph.initializer}
+    weight_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+                 and n.input[0] in inits
+                 and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+    for node in weight_dq[-1:] if last_only else weight_dq:
+        scale = inits[node.input[1]]
+        scaled = numpy_helper.to_array(scale).astype(np.float32) * np.float32(factor)
+        scale.CopyFrom(numpy_helper.from_array(scaled, scale.name))
+    return proto.SerializeToString()

@@ -10,18 +10,10 @@ from edgecl.errors import UserError
 from edgecl.export.onnx import (ParityThresholds, check_parity, export_fp32, export_student,
                                 label_indices, quantize_int8, read_metadata, run, session,
                                 to_model_input, torch_logits)
-from export_helpers import CLASSES, SHAPE, blob_images, fitted_student
+from export_helpers import (CLASSES, NAMES, SHAPE, blob_images, fitted_student,  # noqa: F401
+                            misscale_int8, one_torch_thread)
 
-NAMES = [f"class-{k}" for k in range(CLASSES)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny graphs: a second torch thread only adds spin-waiting on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +89,17 @@ def test_gate_catches_an_export_that_does_not_match_the_model(trained, exported)
 
 
 def test_gate_thresholds_are_applied(trained, exported):
+    """A wrongly scaled int8 model fails the default gate, and passes once the limits allow
+    its drop (limit) or demand more evidence than 60 samples give (alpha)."""
     model, x, _, hx, hy = trained
     y_idx, _ = label_indices(NAMES, hy)
-    strict = ParityThresholds(min_int8_agreement=1.01)
-    report = check_parity(model, exported.fp32, exported.int8, hx, y_idx, x[:8], NAMES, strict)
-    assert [f for f in report.failures if "agreement" in f]
+    damaged = misscale_int8(exported.int8, 0.8)
+    def failures(**kw):
+        return check_parity(model, exported.fp32, damaged, hx, y_idx, x[:8], NAMES,
+                            ParityThresholds(**kw)).failures
+    assert len(failures()) == 2
+    assert failures(min_int8_agreement=0.0, max_accuracy_drop=0.9) == []
+    assert failures(alpha=1e-60) == []
 
 
 def test_export_works_on_a_copy(trained):

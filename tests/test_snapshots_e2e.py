@@ -28,6 +28,7 @@ def make_config(tmp_path, **snapshots) -> Config:
     config.serve.stats_interval_s = 0.05
     config.learner = {"buffer_size": 40, "seed": 0, "method": "er", "threads": 1}
     config.snapshots.every_samples = 100
+    config.snapshots.every_s = 0  # versions appear only where a test expects them
     # A barely trained model flips int8 top-1 on near ties; these tests are about transport,
     # so the int8 checks are relaxed here (test_export_onnx covers the gate itself).
     config.snapshots.gate_min_int8_agreement = 0.0
@@ -65,7 +66,16 @@ def test_pull_over_the_wire_and_infer(start_daemon, tmp_path):
     assert info["version"] == 1
     assert info["meta"]["samples_learned"] >= 100
     assert info["meta"]["heldout"]["n"] > 0  # the daemon held samples back
-    assert get_status(daemon.address)["snapshot_version"] == 1
+    deadline = time.monotonic() + 10  # status is updated just after the store (a few ms)
+    while (status := get_status(daemon.address))["snapshot_version"] != 1 and \
+            time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert status["snapshot_version"] == 1
+    age = status["snapshot_age"]  # ack -> first published snapshot that learned it
+    assert age["samples"] >= 100
+    assert 0 <= age["queue_median_s"] <= age["median_s"] <= age["p95_s"]
+    from edgecl.serve.commands import format_status
+    assert "sample to snapshot median" in format_status(status, daemon.address)
 
     assert device.pull() == 1
     out = tmp_path / "device"
@@ -203,6 +213,9 @@ def test_chunk_op_rejects_bad_requests(start_daemon):
                                 ({"version": 9, "file": INT8_FILE}, "not available")):
             with pytest.raises(RequestRefused, match=message):
                 conn.request("snapshot.chunk", **fields)
+        for wait_ms in ("soon", -1, 1.5):
+            with pytest.raises(RequestRefused, match="wait_ms"):
+                conn.request("snapshot.export", wait_ms=wait_ms)
 
 
 def test_pull_starts_over_when_its_version_is_pruned_midway(start_daemon, tmp_path):
@@ -220,20 +233,27 @@ def test_pull_starts_over_when_its_version_is_pruned_midway(start_daemon, tmp_pa
     assert verify_installed(tmp_path / "device")["version"] == 2
 
 
+def wait_learned(daemon, n: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while get_status(daemon.address)["samples_learned"] < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_cli_export_pull_rollback(start_daemon, tmp_path, capsys):
     from edgecl.cli import main
 
     daemon = start_daemon(every_samples=10_000)  # only on demand
     push_all(daemon)
-    deadline = time.monotonic() + 60
-    while get_status(daemon.address)["samples_learned"] < len(Y) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert main(["export", "--from", daemon.address, "--wait-ms", "60000"]) == 0
+    wait_learned(daemon, len(Y))
+    assert main(["export", "--from", daemon.address, "--wait-ms", "60000", "--json"]) == 0
     exported = json.loads(capsys.readouterr().out)
+    assert exported["outcome"] == "published"
     assert exported["version"] == 1 and exported["bytes"][INT8_FILE] > 0
-    # nothing learned since: a second request publishes nothing
-    assert main(["export", "--from", daemon.address, "--wait-ms", "500"]) == 1
-    capsys.readouterr()
+    assert exported["checks"]["accuracy"]["verdict"] == "pass"
+    assert exported["checks"]["accuracy"]["n"] > 0 and exported["failures"] == []
+    # nothing learned since: a second request publishes nothing, and says so (exit 3)
+    assert main(["export", "--from", daemon.address, "--wait-ms", "30000"]) == 3
+    assert "nothing new learned since the last export" in capsys.readouterr().out
 
     out = tmp_path / "device"
     assert main(["pull", "--from", daemon.address, "--out", str(out), "--int8-only"]) == 0
@@ -244,3 +264,80 @@ def test_cli_export_pull_rollback(start_daemon, tmp_path, capsys):
     assert "older version" in capsys.readouterr().err
     assert main(["rollback", "--from", daemon.address, "--to", "1"]) == 0
     assert "published version 2" in capsys.readouterr().out
+
+
+def test_cli_export_prints_the_gate_and_exits_per_outcome(start_daemon, capsys):
+    """published 0 (with the gate's figures), timed out 5, rejected 4 (with the reason)."""
+    from edgecl.cli import main
+
+    daemon = start_daemon(every_samples=10_000)
+    push_all(daemon)  # 30 per class: one of each class held out
+    wait_learned(daemon, len(Y))
+    assert main(["export", "--from", daemon.address, "--wait-ms", "60000"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("published snapshot 1 (")
+    assert "parity gate passed:" in text and "McNemar p =" in text
+    assert "top-1 agreement" in text and "max |dlogit|" in text
+
+    with SensorClient(daemon.address, sensor="cam-b") as client:
+        client.push(X[:40], Y[:40])
+    wait_learned(daemon, len(Y) + 40)
+    # An export takes far longer than 50 ms: the wait ends first.
+    assert main(["export", "--from", daemon.address, "--wait-ms", "50"]) == 5
+    assert "no outcome within 50 ms" in capsys.readouterr().out
+    wait_version(daemon, since=1)  # that export still publishes (version 2)
+    daemon.stop()
+    assert daemon.join(30) is not None
+
+    strict = start_daemon(every_samples=10_000, gate_max_abs_logit=-1.0)
+    with SensorClient(strict.address, sensor="cam2") as client:
+        client.push(X[:40], Y[:40])
+    wait_learned(strict, 40)
+    notes, stop = [], threading.Event()
+    device = DeviceClient(strict.address, daemon.config.serve.state_dir + "-device")
+    watcher = threading.Thread(target=device.watch, kwargs={
+        "on_reject": notes.append, "stop": stop, "poll_ms": 10_000}, daemon=True)
+    watcher.start()
+    time.sleep(0.5)  # let the subscription reach the publisher
+    try:
+        assert main(["export", "--from", strict.address, "--wait-ms", "60000"]) == 4
+        text = capsys.readouterr().out
+        assert text.startswith("rejected by the parity gate at ")
+        assert "devices keep version 2" in text and "REJECTED fp32 ONNX vs torch" in text
+        assert "passed int8 held-out accuracy" in text  # the int8 checks' figures too
+        assert "passed fp32 ONNX vs torch" not in text
+        deadline = time.monotonic() + 10
+        while not notes and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert notes and "max |dlogit|" in notes[0]["failures"][0]
+    from edgecl.export.commands import rejection_line
+    line = rejection_line(notes[0], 2)
+    assert line.startswith(f"snapshot at {notes[0]['samples_learned']} samples rejected by the "
+                           "parity gate, keeping version 2: fp32 ONNX vs torch")
+
+
+def test_after_a_rejection_the_next_try_comes_after_a_quarter_period(start_daemon):
+    """A rejected export used to push the next try a whole every_samples away, so devices
+    kept an old model for that long (issue 16); now a quarter of it."""
+    daemon = start_daemon(gate_max_abs_logit=-1.0)  # every export is rejected
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"snapshot.rejected")
+    sub.connect(f"tcp://127.0.0.1:{daemon.pub_port}")
+    time.sleep(0.3)
+    try:
+        push_all(daemon)  # 120 pushed: one try at >= 100 learned
+        assert sub.poll(60_000)
+        first = msgpack.unpackb(sub.recv_multipart()[1])
+        assert first["rejected"] and first["version"] is None
+        wait_learned(daemon, len(Y))
+        with SensorClient(daemon.address, sensor="cam-b") as client:
+            client.push(X[:30], Y[:30])  # 25+ more learned is a quarter of 100
+        assert sub.poll(60_000)
+        second = msgpack.unpackb(sub.recv_multipart()[1])
+    finally:
+        sub.close(linger=0)
+    assert first["samples_learned"] + 25 <= second["samples_learned"] < \
+        first["samples_learned"] + 100

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import msgpack
 import zmq
 
 from edgecl.client import (DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Connection, DaemonUnavailable,
@@ -39,6 +40,7 @@ log = logging.getLogger("edgecl.pull")
 
 PARTIAL_DIR = ".partial"
 TOPIC = b"snapshot"
+REJECTED_TOPIC = b"snapshot.rejected"
 
 
 class DeviceClient:
@@ -101,9 +103,11 @@ class DeviceClient:
         return version
 
     def watch(self, on_update: Callable[[int], None] | None = None,
-              stop: threading.Event | None = None, poll_ms: int = 30_000) -> None:
+              stop: threading.Event | None = None, poll_ms: int = 30_000,
+              on_reject: Callable[[dict], None] | None = None) -> None:
         """Follow new versions until `stop` is set: wake on each PUB announcement (port + 1),
-        and long-poll `snapshot.info` as a fallback for announcements missed."""
+        and long-poll `snapshot.info` as a fallback for announcements missed. A snapshot the
+        parity gate rejected is passed to `on_reject` (its announcement's body)."""
         stop = stop or threading.Event()
         sub = new_socket(self._ctx, _pub_address(self.address), self.curve, zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
@@ -122,7 +126,10 @@ class DeviceClient:
                 deadline = time.monotonic() + poll_ms / 1000
                 while not stop.is_set() and time.monotonic() < deadline:
                     if sub.poll(200):
-                        sub.recv_multipart()
+                        frames = sub.recv_multipart()
+                        if frames[0] == REJECTED_TOPIC and len(frames) > 1:
+                            _notify_rejection(frames[1], on_reject)
+                            continue  # nothing new to install
                         break
         finally:
             sub.close(linger=0)
@@ -218,6 +225,18 @@ class DeviceClient:
 
     def _dealer(self) -> zmq.Socket:
         return new_socket(self._ctx, self.address, self.curve)
+
+
+def _notify_rejection(body: bytes, on_reject: Callable[[dict], None] | None) -> None:
+    try:
+        note = msgpack.unpackb(body, raw=False)
+    except (ValueError, msgpack.UnpackException):
+        note = None
+    note = note if isinstance(note, dict) else {}
+    log.info("snapshot at %s samples rejected by the parity gate: %s",
+             note.get("samples_learned"), "; ".join(note.get("failures") or []))
+    if on_reject is not None:
+        on_reject(note)
 
 
 def _pub_address(address: str) -> str:

@@ -13,8 +13,15 @@ Attached by the daemon (`ATTACHMENTS`), it uses only the daemon's extension poin
   and shown in status (`snapshot_last_failure`).
 - Ops, in the socket loop (no torch there, only file reads):
   `snapshot.info` (newest version and its meta; long-polls with `since` + `wait_ms`),
-  `snapshot.chunk` (a byte range of one file, credit-based), `snapshot.export` (export now),
-  `snapshot.rollback` (republish an older version as the newest).
+  `snapshot.chunk` (a byte range of one file, credit-based), `snapshot.export` (export now;
+  with `wait_ms`, long-polls for what came of it), `snapshot.rollback` (republish an older
+  version as the newest).
+- Every `snapshot.export` with `wait_ms` gets a ticket. The next export copied after it (or
+  the finding that nothing new was learned) settles every ticket issued so far, and the held
+  request is answered with the outcome: published, nothing_new, rejected (with the gate's
+  figures) or failed; a request whose wait ends first is answered timed_out.
+- A rejection is announced on PUB (topic `snapshot.rejected`), and the next try comes after a
+  quarter of the usual period rather than a whole one.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgecl.export.freshness import Freshness
 from edgecl.export.heldout import HeldOutSlice
 from edgecl.export.onnx import ParityThresholds, copy_model, export_student
 from edgecl.export.snapshots import (META_FILE, MODEL_FILES, SnapshotRejected, SnapshotStore,
@@ -38,12 +46,17 @@ from edgecl.wire import ErrorCode, WireError
 log = logging.getLogger("edgecl.snapshots")
 
 TOPIC = "snapshot"
+REJECTED_TOPIC = "snapshot.rejected"
 FILES = (*MODEL_FILES, META_FILE)
+RETRY_FRACTION = 0.25   # after a rejection, the next try comes after this part of the period
+KEPT_OUTCOMES = 32      # settled export outcomes remembered for held requests
+_TICKET = object()      # key under which a held snapshot.export keeps its ticket (no client
+                        # can send a non-string key, so none can forge one)
 
 
 def thresholds(settings: SnapshotConfig) -> ParityThresholds:
     return ParityThresholds(settings.gate_max_abs_logit, settings.gate_min_int8_agreement,
-                            settings.gate_max_accuracy_drop)
+                            settings.gate_max_accuracy_drop, settings.gate_alpha)
 
 
 @dataclass
@@ -57,6 +70,8 @@ class _Job:
     heldout_y: list
     samples_learned: int
     reason: str
+    ticket: int = 0     # export requests issued up to the copy: this job settles them
+    covered: list = None  # Freshness records of the pushes learned since the last copy
 
 
 class HeldOutRouter:
@@ -97,9 +112,14 @@ class SnapshotService:
         # "nothing new learned" is judged against this, not against the newest snapshot,
         # which an earlier run may have made from a learner we no longer have.
         self._last_samples = int(getattr(daemon.learner, "samples_learned", 0) or 0)
-        self._last_time = time.monotonic()
+        self._last_time = time.monotonic()  # when the last export ended (export thread)
+        self._last_export_s = 0.0             # how long it took
         self._lock = threading.Lock()
         self._last_failure = self.store.last_failure()
+        self._period_scale = 1.0  # RETRY_FRACTION after a rejection, 1 after a publish
+        self._tickets = 0         # snapshot.export requests with wait_ms, issued (socket loop)
+        self._outcomes: list[tuple[int, dict]] = []  # (tickets settled up to, outcome)
+        self.freshness = Freshness()
         self._thread = threading.Thread(target=self._export_loop, name="edgecl-export",
                                         daemon=True)
         self._thread.start()
@@ -113,31 +133,56 @@ class SnapshotService:
         if final:
             self.finish()
             return
-        learned = int(getattr(learner, "samples_learned", samples_learned))
-        reason = self._due(learned)
-        if reason is None or getattr(learner, "student", None) is None:
-            return
-        if len(learner.buffer) == 0:
-            return
+        self.freshness.learned(getattr(self.daemon, "current_batches", None))
         if not self._idle.is_set():
             return  # one export at a time; the next step will try again
+        learned = int(getattr(learner, "samples_learned", samples_learned))
+        reason = self._due(learned)
+        if reason is None or getattr(learner, "student", None) is None or \
+                len(learner.buffer) == 0:
+            if learned <= self._last_samples:
+                self._settle_nothing_new(learned)
+            return
         job = self._copy(learner, learned, reason)
-        self._requested.clear()
-        self._last_samples, self._last_time = learned, time.monotonic()
+        job.covered = self.freshness.take()
+        with self._lock:
+            job.ticket = self._tickets
+            self._requested.clear()
+        self._last_samples = learned
         self._idle.clear()
         self._jobs.put(job)
 
     def _due(self, learned: int) -> str | None:
         if learned <= self._last_samples:
             return None  # nothing learned since the last snapshot
-        s = self.settings
+        s, scale = self.settings, self._period_scale
         if self._requested.is_set():
             return "requested"
-        if s.every_samples and learned - self._last_samples >= s.every_samples:
-            return f"every {s.every_samples} samples"
-        if s.every_s and time.monotonic() - self._last_time >= s.every_s:
-            return f"every {s.every_s:g} s"
+        if s.every_samples and learned - self._last_samples >= s.every_samples * scale:
+            return f"every {s.every_samples * scale:g} samples"
+        # Timed exports count from the end of the last one and wait at least as long as it
+        # took, so exporting never takes more than half the time, whatever the load.
+        gap = max(s.every_s * scale, self._last_export_s)
+        if s.every_s and time.monotonic() - self._last_time >= gap:
+            return f"every {s.every_s * scale:g} s"
         return None
+
+    def _settle_nothing_new(self, learned: int) -> None:
+        """An export was asked for, but nothing was learned since the last one."""
+        if not self._requested.is_set():
+            return
+        with self._lock:
+            upto = self._tickets
+            self._requested.clear()
+        self._settle(upto, {"outcome": "nothing_new", "samples_learned": learned,
+                            "samples_at_last_export": self._last_samples,
+                            "latest": self.store.latest()})
+
+    def _settle(self, upto: int, outcome: dict) -> None:
+        with self._lock:
+            if self._outcomes and self._outcomes[-1][0] >= upto:
+                return  # no ticket was waiting for this one
+            self._outcomes = [*self._outcomes[-(KEPT_OUTCOMES - 1):], (upto, outcome)]
 
     def _copy(self, learner, learned: int, reason: str) -> _Job:
         n = len(learner.buffer)
@@ -157,9 +202,12 @@ class SnapshotService:
             job = self._jobs.get()
             if job is None:
                 return
+            started = time.monotonic()
             try:
                 self._run(job)
             finally:
+                self._last_time = time.monotonic()
+                self._last_export_s = self._last_time - started
                 self._idle.set()
 
     def _run(self, job: _Job) -> None:
@@ -171,17 +219,40 @@ class SnapshotService:
             version = self.store.publish_export(result, job.samples_learned,
                                                 extra={"trigger": job.reason})
         except SnapshotRejected as exc:
-            with self._lock:
-                self._last_failure = self.store.last_failure()
-            self._update_status()
-            log.warning("snapshot at %d samples rejected: %s", job.samples_learned, exc)
+            self._rejected(job, exc)
             return
-        except Exception:
+        except Exception as exc:
             log.exception("snapshot export failed at %d samples", job.samples_learned)
+            self.freshness.rejected(job.covered or [])
+            self._settle(job.ticket, {"outcome": "failed", "samples_learned": job.samples_learned,
+                                      "message": f"{type(exc).__name__}: {exc}"})
             return
+        self.freshness.published(job.covered or [])
+        self._update_status()  # status follows the store as closely as it can
+        self._period_scale = 1.0
         log.info("snapshot %d published (%s, %d samples, %.1f s)", version, job.reason,
                  job.samples_learned, time.perf_counter() - started)
         self.announce(version)
+        meta = self.store.meta(version)
+        self._settle(job.ticket, {"outcome": "published", "version": version,
+                                  "samples_learned": job.samples_learned,
+                                  "parity": meta.get("parity"),
+                                  "bytes": {n: f["bytes"] for n, f in meta["files"].items()}})
+
+    def _rejected(self, job: _Job, exc: SnapshotRejected) -> None:
+        """Status, the log, a PUB line for devices, and an earlier retry."""
+        self._period_scale = RETRY_FRACTION
+        self.freshness.rejected(job.covered or [])
+        with self._lock:
+            self._last_failure = self.store.last_failure()
+        self._update_status()
+        log.warning("snapshot at %d samples rejected: %s", job.samples_learned, exc)
+        latest = self.store.latest()
+        self.daemon.announce(REJECTED_TOPIC, {"version": latest, "rejected": True,
+                                              "samples_learned": job.samples_learned,
+                                              "failures": list(exc.report.get("failures", []))})
+        self._settle(job.ticket, {"outcome": "rejected", "samples_learned": job.samples_learned,
+                                  "latest": latest, "parity": exc.report})
 
     def announce(self, version: int) -> None:
         meta = self.store.meta(version)
@@ -252,11 +323,33 @@ class SnapshotService:
                 "total": total, "eof": offset + len(data) >= total, "data": data,
                 "credit": self.settings.credit}
 
-    def op_export(self, header: dict, payload) -> dict:
-        """Ask for a snapshot at the next learner step (if anything new was learned)."""
-        self._requested.set()
-        return {"requested": True, "latest": self.store.latest(),
-                "samples_at_latest": self._last_samples}
+    def op_export(self, header: dict, payload) -> dict | None:
+        """Ask for a snapshot at the next learner step (if anything new was learned). With
+        `wait_ms`, held until that export is settled (or the wait ends: `timed_out`)."""
+        wait_ms = header.get("wait_ms", 0)
+        if type(wait_ms) is not int or wait_ms < 0:
+            raise WireError(ErrorCode.BAD_REQUEST, "wait_ms: expected milliseconds >= 0")
+        fresh = _TICKET not in header  # held requests are asked again with their ticket
+        if fresh:
+            with self._lock:
+                self._tickets += 1
+                header[_TICKET] = self._tickets
+                self._requested.set()
+        ticket = header[_TICKET]
+        reply = {"requested": True, "latest": self.store.latest(),
+                 "samples_at_latest": self._last_samples}
+        if fresh and wait_ms == 0:
+            return reply  # fire and forget
+        outcome = self._outcome(ticket)
+        if outcome is not None:
+            return {**reply, **outcome}
+        if wait_ms > 0:
+            return None
+        return {**reply, "outcome": "timed_out"}
+
+    def _outcome(self, ticket: int) -> dict | None:
+        with self._lock:
+            return next((o for upto, o in self._outcomes if upto >= ticket), None)
 
     def op_rollback(self, header: dict, payload) -> dict:
         to = header.get("to")
@@ -280,7 +373,7 @@ class SnapshotService:
             snapshot_last_failure=None if failure is None else
             {"time": failure.get("time"), "samples_learned": failure.get("samples_learned"),
              "failures": failure.get("failures")},
-            heldout_samples=len(self.heldout))
+            heldout_samples=len(self.heldout), snapshot_age=self.freshness.summary())
 
 
 def attach(daemon) -> SnapshotService | None:
@@ -295,7 +388,7 @@ def attach(daemon) -> SnapshotService | None:
     daemon.add_idle_hook(lambda learner, samples: service.on_step(learner, samples, False))
     daemon.register_op("snapshot.info", service.op_info, long_poll=True)
     daemon.register_op("snapshot.chunk", service.op_chunk)
-    daemon.register_op("snapshot.export", service.op_export)
+    daemon.register_op("snapshot.export", service.op_export, long_poll=True)
     daemon.register_op("snapshot.rollback", service.op_rollback)
     daemon.snapshots = service
     return service

@@ -204,6 +204,15 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _snapshot_age(age: dict | None) -> str:
+    """Freshness: ack of a sample to the first published snapshot that learned it."""
+    if not age:
+        return ""
+    return (f", sample to snapshot median {age['median_s']:.1f} s, p95 {age['p95_s']:.1f} s "
+            f"(of which queued {age['queue_median_s']:.1f} / {age['queue_p95_s']:.1f} s; "
+            f"last {age['samples']} samples)")
+
+
 def format_status(status: dict, address: str = "") -> str:
     """A short table a person reads at a glance."""
     spec = status.get("input_spec")
@@ -229,7 +238,7 @@ def format_status(status: dict, address: str = "") -> str:
         ("learner", f"{status.get('steps') or 0} steps, {status.get('steps_per_s') or 0:.1f} "
                     "steps/s"),
         ("snapshot", "none yet" if status.get("snapshot_version") is None
-         else f"v{status['snapshot_version']}"),
+         else f"v{status['snapshot_version']}" + _snapshot_age(status.get("snapshot_age"))),
     ]
     checkpoint, journal = status.get("checkpoint"), status.get("journal")
     if checkpoint and journal:

@@ -18,6 +18,7 @@ Extension points, for the snapshot and durability work:
   every checkpoint and hands it back at the next start.
 - `add_learner_hook(fn)` runs `fn(learner, samples_learned, final)` in the learner thread after
   each step and once at shutdown: the place to copy weights for export or write a checkpoint.
+  `current_batches` holds the pushes that step is learning (their ack times, for freshness).
   `add_idle_hook(fn)` runs `fn(learner, samples_learned)` there when a wait for work times out.
 - `register_op(name, handler)` adds a request op (snapshot info, chunk fetch) to the socket loop;
   with `long_poll=True` the handler may return None to hold the reply (see register_op).
@@ -120,6 +121,7 @@ class Daemon:
         self.samples_failed = 0
         self.learner_error: str | None = None
         self._learner_hooks: list[LearnerHook] = []
+        self.current_batches: list[Batch] = []  # what the learner is on (for learner hooks)
         self._idle_hooks: list[Callable[[Any, int], None]] = []
 
         self._extra_status: dict = {}
@@ -650,6 +652,7 @@ class Daemon:
     def _learn(self, batches: list[Batch]) -> None:
         """One learn_many call (one optimizer step) per `learn_batch` samples: small pushes are
         merged, large ones split, so the step size does not depend on how sensors batch."""
+        self.current_batches = batches
         if len(batches) == 1:
             x, labels = batches[0].x, batches[0].labels
         else:
