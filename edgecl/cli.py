@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "edgecl.export.commands",
     "edgecl.methods",
     "edgecl.security",
+    "edgecl.report",
 ]
 
 # Commands that need more than the lean client install, and the extras they need: without
@@ -27,6 +28,7 @@ COMMAND_EXTRAS = {
     "demo": ("server", "data"),
     "bench": ("server", "data"),
     "methods": ("server",),
+    "report": ("plot",),
 }
 
 
