@@ -260,8 +260,8 @@ def accuracy_matrix_figure(results: list[dict]):
     """Class-IL accuracy after each task (rows) on each task's test set (columns), mean over
     seeds, one heat map per method; every cell annotated with its value."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(results), figsize=(3.4 * len(results) + 0.8, 3.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(3.0 * len(results) + 1.2, 3.9),
+                             squeeze=False, layout="constrained")
     image = None
     for ax, result in zip(axes[0], results):
         matrix = _mean_matrix(result)
@@ -273,10 +273,10 @@ def accuracy_matrix_figure(results: list[dict]):
         ticks = range(matrix.shape[0])
         ax.set_xticks(ticks, [str(t + 1) for t in ticks])
         ax.set_yticks(ticks, [str(t + 1) for t in ticks])
-        ax.set(title=f"{_run_name(result)}\n{len(result['runs'])} seed(s)",
-               xlabel="tested on task", ylabel="after training task")
-        ax.title.set_fontsize(8)
-    fig.colorbar(image, ax=list(axes[0]), label="Class-IL accuracy (%)", shrink=0.8)
+        ax.set_title(f"{_run_name(result)}\n{len(result['runs'])} seed(s)", fontsize=8)
+        ax.set_xlabel("tested on task")
+    axes[0][0].set_ylabel("after training task")
+    fig.colorbar(image, ax=list(axes[0]), label="Class-IL accuracy (%)", shrink=0.9)
     return fig
 
 
