@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,17 @@ def test_the_extras_in_pyproject_are_the_ones_edgecl_names():
     assert set(EXTRAS) <= set(extras)
     assert not any(dep.split(">")[0].split("<")[0].strip() in ("torch", "torchvision", "onnx")
                    for dep in lean_venv.dependencies())
+
+
+def test_the_daemon_deploy_files_install_the_server_extra():
+    """A plain install is the client: the daemon's container and unit must ask for more."""
+    deploy = lean_venv.ROOT / "deploy"
+    assert re.search(r"^RUN pip install \"\.\[server[],]", (deploy / "Containerfile").read_text(),
+                     re.M)
+    assert "pip install '/path/to/edgecl[server]'" in (deploy / "edgecl.service").read_text()
+    makefile = (lean_venv.ROOT / "Makefile").read_text()
+    extras = re.search(r"^EXTRAS := (\S+)", makefile, re.M).group(1).split(",")
+    assert {"server", "data", "plot", "test"} <= set(extras)
 
 
 def test_the_lean_install_has_no_torch_and_edgecl_comes_from_it(lean):
