@@ -88,6 +88,7 @@ def test_the_lean_install_has_no_torch_and_edgecl_comes_from_it(lean):
     (["bench", "split-mnist", "--seeds", "0"], "edgecl[server,data]"),
     (["methods"], "edgecl[server]"),
     (["push", "mnist5k", "--to", "tcp://127.0.0.1:9"], "edgecl[data]"),
+    (["report", "/nonexistent-state"], "edgecl[plot]"),
 ])
 def test_commands_that_need_an_extra_say_which_in_one_line(lean, argv, extra):
     done = run(lean, "edgecl", *argv)
