@@ -1,8 +1,11 @@
 # Quick start: `make demo` and `make test`. Both bootstrap .venv on first use and reuse it.
+# .venv gets the full set (the learning server, the bundled digits, images, plots, tests); a
+# sensor or device needs only `pip install edgecl` (README: "Lean install").
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+EXTRAS := server,data,images,plot,test
 
 .PHONY: demo test bench venv clean
 
@@ -11,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip >/dev/null
 	# torch and torchvision come from the registry together: a lone CPU torch wheel
 	# cannot load the registry's torchvision operators.
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 venv: $(STAMP)

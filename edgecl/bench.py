@@ -25,6 +25,7 @@ from dataclasses import asdict
 import numpy as np
 
 from edgecl.errors import UserError
+from edgecl.report import plot_dir, plot_split_mnist
 
 METHODS = ["finetune", "er", "der", "derpp", "derpp+ewcpp", "derpp+ewcpp+kd"]
 
@@ -345,6 +346,9 @@ def cmd_split_mnist(args) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"baseline_rss_mb": baseline, "results": results}, fh, indent=1)
+    if args.plot:
+        for path in plot_split_mnist(results, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -377,4 +381,7 @@ def register(sub) -> None:
                    help="shuffle the same training digits into one class-free pass (the bound)")
     p.add_argument("--json", metavar="PATH", help="also write every result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--plot", metavar="DIR", type=plot_dir,
+                   help="draw the accuracy matrices and accuracy over the stream into DIR "
+                        "(PNG and SVG; needs the plot extra)")
     p.set_defaults(func=cmd_split_mnist)

@@ -8,6 +8,7 @@ import sys
 
 from edgecl import __version__
 from edgecl.errors import UserError
+from edgecl.extras import require_extras
 
 # Each module has `register(subparsers)`, adding parsers whose defaults set `func(args) -> int`.
 COMMAND_MODULES = [
@@ -17,7 +18,18 @@ COMMAND_MODULES = [
     "edgecl.export.commands",
     "edgecl.methods",
     "edgecl.security",
+    "edgecl.report",
 ]
+
+# Commands that need more than the lean client install, and the extras they need: without
+# them the command is a one-line error naming `pip install 'edgecl[...]'`.
+COMMAND_EXTRAS = {
+    "serve": ("server",),
+    "demo": ("server", "data"),
+    "bench": ("server", "data"),
+    "methods": ("server",),
+    "report": ("plot",),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
+        require_extras(f"edgecl {args.command}", *COMMAND_EXTRAS.get(args.command, ()))
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"edgecl: error: {exc}", file=sys.stderr)

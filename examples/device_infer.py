@@ -9,7 +9,8 @@
   mixes up a request.
 - Feeds the graph exactly what meta.json's input spec says (uint8 N,C,H,W: raw sensor bytes;
   scaling and normalization are inside the model). Here the "sensor" is the bundled MNIST-5k
-  digits when the spec is 1x28x28, random bytes otherwise.
+  digits when the spec is 1x28x28 and the `data` extra is installed, random bytes otherwise.
+- Runs in the lean install (`pip install edgecl`: onnxruntime, no torch).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import onnxruntime as ort
 
 from edgecl.client import DeviceClient
 from edgecl.export.snapshots import INT8_FILE, META_FILE
+from edgecl.extras import missing_extras
 
 
 class LiveModel:
@@ -56,7 +58,7 @@ def sensor_frames(meta: dict, seed: int = 0):
     """Endless (image, label-or-None) batches of one, shaped as the model's input spec."""
     _, c, h, w = meta["input"]["shape"]
     dtype = np.uint8 if meta["input"]["dtype"] == "uint8" else np.float32
-    if (c, h, w) == (1, 28, 28) and dtype == np.uint8:
+    if (c, h, w) == (1, 28, 28) and dtype == np.uint8 and not missing_extras("data"):
         from edgecl.data import load_mnist5k
         x, y = load_mnist5k()
     else:

@@ -181,6 +181,10 @@ def _register_status(subparsers) -> None:
                                                        "docs/protocol.md)")
     p.add_argument("--timeout", type=float, default=2.5, metavar="S")
     p.add_argument("--retries", type=int, default=2)
+    p.add_argument("--watch", action="store_true",
+                   help="a live view, redrawn in place with rates, until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, metavar="S",
+                   help="seconds between redraws with --watch (default 2)")
     add_client_args(p)
     p.set_defaults(func=cmd_status)
 
@@ -188,6 +192,8 @@ def _register_status(subparsers) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from edgecl.client import DaemonUnavailable, get_status
 
+    if args.watch:
+        return watch_status(args)
     try:
         status = get_status(args.address, timeout=args.timeout, retries=args.retries,
                             curve=client_curve_from_args(args))
@@ -198,6 +204,55 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(format_status(status, args.address))
     return 0
+
+
+# ANSI: cursor home, clear to the end of the screen; a redraw replaces the last one in place.
+REDRAW = "\x1b[H\x1b[J"
+RATES = (("samples_received", "received/s"), ("samples_learned", "learned/s"),
+         ("steps", "steps/s"), ("batches_received", "pushes/s"))
+
+
+def watch_status(args: argparse.Namespace) -> int:
+    """`status --watch`: the figures of `status` plus rates between redraws, until Ctrl-C. A
+    daemon that stops answering is shown as such, and watched on."""
+    from edgecl.client import DaemonUnavailable, get_status
+
+    if args.interval <= 0:
+        raise UserError(f"--interval must be positive, got {args.interval}")
+    curve = client_curve_from_args(args)
+    previous: tuple[float, dict] | None = None
+    try:
+        while True:
+            now = time.monotonic()
+            try:
+                status = get_status(args.address, timeout=args.timeout, retries=args.retries,
+                                    curve=curve)
+                body = format_status(status, args.address,
+                                     extra=[("rates", rates_text(previous, now, status))])
+                previous = (now, status)
+            except DaemonUnavailable as exc:
+                body = f"{args.address}: {exc}"
+            stamp = time.strftime("%H:%M:%S")
+            sys.stdout.write(f"{REDRAW}edgecl status --watch  {stamp}  every "
+                             f"{args.interval:g} s, Ctrl-C to stop\n\n{body}\n")
+            sys.stdout.flush()
+            time.sleep(max(0.0, args.interval - (time.monotonic() - now)))
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return 0
+
+
+def rates_text(previous: tuple[float, dict] | None, now: float, status: dict) -> str:
+    """'12.0 received/s, ...' from two successive statuses (a restart counts as zero)."""
+    if previous is None:
+        return "(from the next redraw on)"
+    then, before = previous
+    elapsed = max(now - then, 1e-9)
+    parts = []
+    for key, name in RATES:
+        delta = (status.get(key) or 0) - (before.get(key) or 0)
+        parts.append(f"{max(delta, 0) / elapsed:.1f} {name}")
+    return ", ".join(parts)
 
 
 def _pct(value) -> str:
@@ -213,8 +268,8 @@ def _snapshot_age(age: dict | None) -> str:
             f"last {age['samples']} samples)")
 
 
-def format_status(status: dict, address: str = "") -> str:
-    """A short table a person reads at a glance."""
+def format_status(status: dict, address: str = "", extra: list | tuple = ()) -> str:
+    """A short table a person reads at a glance; `extra` (name, text) rows go last."""
     spec = status.get("input_spec")
     spec_text = (f"{spec['channels']}x{spec['height']}x{spec['width']} {spec['dtype']}"
                  if spec else "not fixed yet (first push decides)")
@@ -269,5 +324,6 @@ def format_status(status: dict, address: str = "") -> str:
     if per_class:
         rows.append(("per class", "  ".join(f"{e['label']!r}: {_pct(e['acc'])}"
                                             for e in per_class)))
+    rows.extend(extra)
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -64,7 +64,7 @@ MAX_DRAIN_PER_POLL = 256    # requests handled per wake-up: fewer GIL hand-offs 
 # Features that ride on the daemon (snapshots/export, the journal) attach themselves here: each
 # module named has `attach(daemon)`, called at the end of Daemon.__init__, which registers ops,
 # learner hooks and status fields through the extension points above. One line per feature.
-ATTACHMENTS: list[str] = ["edgecl.export.service"]
+ATTACHMENTS: list[str] = ["edgecl.export.service", "edgecl.serve.timeseries"]
 MAX_LONG_POLL_MS = 300_000  # longest a long-poll request is held before it must be answered
 
 OpHandler = Callable[[dict, Any], dict]

@@ -6,12 +6,16 @@ the learner directly, after the learner thread has finished with it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
+
+from edgecl.errors import UserError
 
 log = logging.getLogger("edgecl.demo")
 
@@ -61,6 +65,22 @@ def _pull_and_score(address: str, out_dir: str, stream) -> None:
               f"digits: {np.mean(predicted == stream.test_y):.1%}")
 
 
+@contextlib.contextmanager
+def _state_dir(path: str | None):
+    """The demo's state directory: a temporary one, or `path` (kept, for `edgecl report`),
+    which must be new or empty: the demo starts from nothing."""
+    if path is None:
+        with tempfile.TemporaryDirectory(prefix="edgecl-demo-") as tmp:
+            yield tmp
+        return
+    directory = Path(path)
+    if directory.exists() and any(directory.iterdir()):
+        raise UserError(f"--state-dir {path}: not empty; the demo starts from an empty state "
+                        "directory (remove it or choose another)")
+    directory.mkdir(parents=True, exist_ok=True)
+    yield str(directory)
+
+
 def run_demo(args) -> int:
     """Options read from `args` when present: buffer (200), method ("derpp+ewcpp"),
     limit (all 4,000 training digits), batch (32), seed (0), status_every (2.0 s)."""
@@ -81,7 +101,7 @@ def run_demo(args) -> int:
     x, y = stream.train_x, stream.train_y.tolist()
     if limit:
         x, y = x[:limit], y[:limit]
-    with tempfile.TemporaryDirectory(prefix="edgecl-demo-") as state_dir:
+    with _state_dir(getattr(args, "state_dir", None)) as state_dir:
         config = Config()
         config.serve.port = 0
         config.serve.bind = "127.0.0.1"

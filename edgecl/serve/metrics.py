@@ -6,6 +6,7 @@ process (tests) do not collide in the global one.
 """
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -36,6 +37,8 @@ SCALARS = {
     "steps_per_s": ("edgecl_learner_steps_per_second", "Recent learner step rate", False),
     "uptime_s": ("edgecl_uptime_seconds", "Seconds since the daemon started", False),
     "snapshot_version": ("edgecl_snapshot_version", "Newest published snapshot version", False),
+    "curve_refused": ("edgecl_curve_refused",
+                      "CURVE handshakes refused: a client key not on the allow-list", True),
 }
 
 
@@ -61,6 +64,27 @@ class StatusCollector:
         for entry in status.get("per_class_acc", []):
             per_class.add_metric([str(entry["label"])], float(entry["acc"]))
         yield per_class
+        yield from health_families(status)
+
+
+def health_families(status: dict):
+    """What the alert rules in deploy/prometheus/ watch besides the counters: storage errors
+    (1 while the journal or the last checkpoint write is failing) and the time of the last
+    snapshot the parity gate rejected (0: none), so `changes()` sees each new rejection."""
+    storage = GaugeMetricFamily("edgecl_storage_error",
+                                "1 while writes to this part of the state directory fail",
+                                labels=["part"])
+    for part in ("journal", "checkpoint"):
+        storage.add_metric([part], float(bool((status.get(part) or {}).get("error"))))
+    yield storage
+    failure = status.get("snapshot_last_failure") or {}
+    try:
+        rejected = datetime.fromisoformat(failure["time"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        rejected = 0.0
+    yield GaugeMetricFamily("edgecl_snapshot_rejected_last_timestamp_seconds",
+                            "When the parity gate last rejected a snapshot (0: never)",
+                            value=rejected)
 
 
 def start_metrics_server(port: int, host: str, status: Callable[[], dict]):
