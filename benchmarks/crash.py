@@ -49,6 +49,7 @@ CLASSES = 4
 # model's snapshots publish (the test checks versions, not accuracy).
 FAST_SETTINGS = [
     "learner.method=finetune", "learner.buffer_size=20", "learner.threads=1",
+    "learner.iterations=1",
     "serve.learn_batch=50",
     "checkpoints.every_steps=3", "journal.segment_mb=0.01",
     "snapshots.heldout_every=10",

@@ -5,6 +5,11 @@ their ratios are comparable even on a shared machine. The first 100 samples of e
 a warm-up and not timed.
 
     .venv/bin/python benchmarks/learner_speed.py [--samples 1000] [--threads 2] [--json PATH]
+        [--only 1,3,4] [--profile N]
+
+Wall-clock samples/s, and samples per CPU-second of the process (steadier on a shared
+machine). `--profile N` also runs torch.profiler over N batches of the default and prints
+its top operators by self CPU time.
 """
 from __future__ import annotations
 
@@ -19,26 +24,55 @@ import torch
 from edgecl.data import split_mnist
 from edgecl.learn import LearnerConfig, OnlineLearner
 
+TWO_DRAWS = {"derpp": {"shared_draw": False}}
+DEFAULT = "derpp+ewcpp (default: one shared draw, 2 iterations)"
 CONFIGS = [
-    ("finetune", dict(method="finetune")),
-    ("derpp", dict(method="derpp")),
-    ("derpp+ewcpp", dict(method="derpp+ewcpp")),
-    ("derpp+ewcpp, Fisher every 50 steps", dict(method="derpp+ewcpp",
-                                                terms={"ewcpp": {"fisher_every": 50}})),
-    ("derpp+ewcpp, channels_last off", dict(method="derpp+ewcpp", channels_last=False)),
-    ("derpp+ewcpp+kd, online ResNet-20 teacher", dict(method="derpp+ewcpp+kd", teacher="online")),
+    ("finetune, 1 iteration", dict(method="finetune", iterations=1)),
+    ("er, 1 iteration", dict(method="er", iterations=1)),
+    (DEFAULT, dict(method="derpp+ewcpp")),
+    ("derpp+ewcpp as before (two draws, 1 iteration, eval-mode prediction)",
+     dict(method="derpp+ewcpp", iterations=1, predict_in_eval=True, terms=TWO_DRAWS)),
+    ("derpp+ewcpp, two draws, 1 iteration", dict(method="derpp+ewcpp", iterations=1,
+                                                terms=TWO_DRAWS)),
+    ("derpp+ewcpp, shared draw, 1 iteration", dict(method="derpp+ewcpp", iterations=1)),
+    ("default, Fisher every 50 steps", dict(method="derpp+ewcpp",
+                                            terms={"ewcpp": {"fisher_every": 50}})),
+    ("default, channels_last off", dict(method="derpp+ewcpp", channels_last=False)),
+    ("default + kd, online ResNet-20 teacher", dict(method="derpp+ewcpp+kd", teacher="online")),
 ]
 WARMUP = 100
 
 
-def measure(config: dict, x, y, batch: int) -> float:
+def measure(config: dict, x, y, batch: int, cpu: bool = False):
+    """Samples/s after the warm-up: wall clock, and with `cpu` also per CPU-second."""
     learner = OnlineLearner(LearnerConfig(buffer_size=200, seed=0, **config))
     for i in range(0, WARMUP, batch):
         learner.learn_many(x[i:i + batch], y[i:i + batch])
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(WARMUP, len(x), batch):
         learner.learn_many(x[i:i + batch], y[i:i + batch])
-    return (len(x) - WARMUP) / (time.perf_counter() - start)
+    n = len(x) - WARMUP
+    wall = n / (time.perf_counter() - start)
+    return (wall, n / (time.process_time() - cpu_start)) if cpu else wall
+
+
+def profile_default(x, y, batch: int, batches: int) -> str:
+    """torch.profiler's top operators (self CPU) over `batches` steps of the default."""
+    from torch.profiler import ProfilerActivity, profile
+
+    learner = OnlineLearner(LearnerConfig(buffer_size=200, seed=0))
+    for i in range(0, WARMUP * 3, batch):
+        learner.learn_many(x[i:i + batch], y[i:i + batch])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(WARMUP * 3, WARMUP * 3 + batches * batch, batch):
+            learner.learn_many(x[i:i + batch], y[i:i + batch])
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows) or 1
+    lines = ["| operator | self CPU % | calls per step |", "|---|---|---|"]
+    for e in rows[:12]:
+        lines.append(f"| `{e.key}` | {100 * e.self_cpu_time_total / total:.1f} | "
+                     f"{e.count / batches:.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -47,6 +81,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--only", default="", help="comma-separated row numbers of CONFIGS "
+                        "(1-based); the default always runs")
+    parser.add_argument("--profile", type=int, default=0, metavar="N")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     stream = split_mnist(seed=0)
@@ -54,12 +91,20 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {args.threads} threads, load average "
           f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print("| configuration | stream samples/s | relative to derpp+ewcpp |")
-    print("|---|---|---|")
-    results = {name: measure(cfg, x, y, args.batch) for name, cfg in CONFIGS}
-    base = results["derpp+ewcpp"]
-    for name, rate in results.items():
-        print(f"| {name} | {rate:.0f} | {rate / base:.2f}x |")
+    print("| configuration | stream samples/s | samples per CPU-s | relative to the default |")
+    print("|---|---|---|---|")
+    only = {int(n) for n in args.only.split(",") if n.strip()}
+    results = {}
+    for row, (name, cfg) in enumerate(CONFIGS, 1):
+        if only and row not in only and name != DEFAULT:
+            continue
+        results[name] = measure(cfg, x, y, args.batch, cpu=True)
+    base = results[DEFAULT][0]
+    for name, (rate, cpu_rate) in results.items():
+        print(f"| {name} | {rate:.0f} | {cpu_rate:.0f} | {rate / base:.2f}x |", flush=True)
+    if args.profile:
+        print(f"\ntorch.profiler, default learner, {args.profile} batches of {args.batch}:")
+        print(profile_default(stream.train_x, stream.train_y.tolist(), args.batch, args.profile))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"threads": args.threads, "samples": args.samples, "results": results},

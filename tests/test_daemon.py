@@ -31,7 +31,8 @@ def make_config(tmp_path, **serve) -> Config:
     config.serve.stats_interval_s = 0.05
     for key, value in serve.items():
         setattr(config.serve, key, value)
-    config.learner = {"buffer_size": 20, "seed": 0, "method": "finetune", "threads": 1}
+    config.learner = {"buffer_size": 20, "seed": 0, "method": "finetune", "threads": 1,
+                      "iterations": 1}  # plumbing tests: one optimizer step per batch
     return config
 
 

@@ -41,9 +41,14 @@ print(json.dumps({"sha256": digests, "labels": [meta["labels"][i] for i in logit
 
 
 @pytest.fixture(scope="module")
-def lean(request) -> Path:
+def lean(request, tmp_path_factory) -> Path:
     root = os.environ.get("EDGECL_LEAN_VENV_CACHE")
-    cache = Path(root) if root else request.config.cache.mkdir("lean-venv")
+    if root:
+        cache = Path(root)
+    elif getattr(request.config, "cache", None) is not None:  # pytest's cache plugin is on
+        cache = request.config.cache.mkdir("lean-venv")
+    else:
+        cache = tmp_path_factory.mktemp("lean-venv")
     return lean_venv.cached(cache)
 
 

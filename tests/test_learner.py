@@ -103,6 +103,22 @@ def test_bad_teacher_checkpoint_is_a_clear_error(tmp_path):
         OnlineLearner(LearnerConfig(method="kd", teacher=f"frozen:{tmp_path}/other.pt"))
 
 
+class _Planted:
+    """Unpickling this would run os.system: a teacher file must never get that far."""
+
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch planted-teacher-ran",))
+
+
+def test_a_planted_teacher_file_cannot_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"kind": "edgecl-teacher", "payload": _Planted()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt.*not a teacher checkpoint edgecl can load"):
+        OnlineLearner(LearnerConfig(method="kd", teacher=f"frozen:{tmp_path}/evil.pt"))
+    assert not (tmp_path / "planted-teacher-ran").exists()
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(method="derpp+nope"), "unknown term 'nope'"),
     (dict(method="kd"), "teacher is 'none'"),
@@ -142,7 +158,8 @@ def test_non_finite_loss_is_skipped_and_counted(digits):
     with pytest.raises(ValueError, match="empty batch"):
         learner.learn_many(np.zeros((0, 1, 28, 28), np.float32), [])
     learner.learn_many(np.full((2, 1, 28, 28), 3e38, np.float32), [0, 1])  # overflows
-    assert learner.stats()["skipped_steps"] == 1
+    # skipped once: a batch whose step is refused gets no further iterations
+    assert learner.config.iterations == 2 and learner.stats()["skipped_steps"] == 1
     assert all(torch.isfinite(p).all() for p in learner.student.parameters())
 
 
@@ -174,6 +191,7 @@ def test_shared_draw_trains_on_one_draw_for_both_derpp_terms(digits, monkeypatch
     sizes = []
     for shared in (False, True):
         learner = OnlineLearner(LearnerConfig(method="derpp", buffer_size=20, seed=0,
+                                              iterations=1,
                                               terms={"derpp": {"shared_draw": shared}}))
         _feed(learner, x[:40], y[:40])
         real_forward = learner.student.forward

@@ -34,7 +34,7 @@ class _FakeLearner:
 
 
 def test_derpp_loss_hand_computed():
-    term = DERPP(_FakeLearner(), alpha=0.5, beta=2.0)
+    term = DERPP(_FakeLearner(), alpha=0.5, beta=2.0, shared_draw=False)
     step = Step()
     step.add("stream", torch.zeros(1, 1), torch.tensor([0]))
     step.add("der", torch.zeros(1, 1), torch.tensor([0]),
@@ -44,6 +44,10 @@ def test_derpp_loss_hand_computed():
     step.logits = torch.tensor([[9.0, 9.0, 9.0], [2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     # alpha * ((2-1)^2 + (1-0)^2)/2 + beta * CE([0,0,0], 1) = 0.5*1 + 2*ln 3
     assert term.loss(step).item() == pytest.approx(0.5 + 2 * math.log(3), rel=1e-6)
+    # one shared draw: the label term reads the same row as the logit term (label 0 there)
+    shared = DERPP(_FakeLearner(), alpha=0.5, beta=2.0, shared_draw=True)
+    ce = -math.log(math.exp(2.0) / (math.exp(2.0) + math.exp(1.0) + 1.0))
+    assert shared.loss(step).item() == pytest.approx(0.5 + 2 * ce, rel=1e-6)
 
 
 def _tiny_model():

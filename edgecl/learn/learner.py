@@ -50,7 +50,7 @@ class LearnerConfig:
     bn_momentum: float = 0.1         # student BatchNorm running-statistics momentum
     stream_loss: str = "ce"          # 'ce' | 'ace': ER-ACE's asymmetric CE on the stream batch
     buffer_policy: str = "reservoir"  # 'reservoir' | 'balanced' (class-balanced, CBRS)
-    iterations: int = 1              # optimizer steps per incoming batch (fresh replay draws)
+    iterations: int = 2              # optimizer steps per incoming batch (fresh replay draws)
     predict_in_eval: bool = False    # prequential guess from a separate eval-mode forward
     logit_adjust: float = 0.0        # tau of the logit-adjusted softmax (0: off)
     prior_decay: float = 0.99        # per step, of the running class prior it adjusts by
@@ -172,8 +172,11 @@ class OnlineLearner:
         targets = self._encode_labels(y)
         xt = self._to_tensor(raw)
         early = self._predict_indices(xt) if self.config.predict_in_eval else None
+        skipped = self.skipped_steps
         loss, predicted = self._learn_step(raw, xt, targets, keep=True)
         for _ in range(self.config.iterations - 1):
+            if self.skipped_steps > skipped:
+                break  # a batch whose step was refused is not tried again
             self._learn_step(raw, xt, targets, keep=False)
         correct = self.prequential.update(targets, predicted if early is None else early)
         self.samples_learned += len(raw)
@@ -459,10 +462,13 @@ class OnlineLearner:
                     "state_dict": self.teacher.state_dict()}, path)
 
     def _load_frozen_teacher(self, path: str) -> None:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # weights_only: tensors and plain containers; a planted pickle cannot run
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise ValueError(f"teacher checkpoint {path!r} does not exist") from None
+        except Exception as exc:  # unpickling refused or a damaged file: say which file
+            raise ValueError(f"{path!r} is not a teacher checkpoint edgecl can load "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
         if not isinstance(ckpt, dict) or ckpt.get("kind") != "edgecl-teacher":
             raise ValueError(f"{path!r} is not a teacher checkpoint written by edgecl")
         c, h, w = ckpt["input_shape"]

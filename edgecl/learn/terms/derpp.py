@@ -19,7 +19,7 @@ class DERPP(DER):
 
     name = "derpp"
     describe = "DER++: stored-logit matching plus cross-entropy on a second, independent draw"
-    defaults = {"alpha": 0.3, "beta": 0.8, "draw": 10, "shared_draw": False}
+    defaults = {"alpha": 0.3, "beta": 0.8, "draw": 10, "shared_draw": True}
 
     def prepare(self, step: Step, rng) -> None:
         self.learner.draw_replay(step, "der", self.draw)
