@@ -129,11 +129,7 @@ def run_split_mnist(method: str = "derpp+ewcpp", buffer: int = 200, seed: int = 
             bar.set_postfix(preq=f"{100 * learner.prequential.overall:.1f}%")
         task = stream.train_task[stop - 1]
         if stop == total or stream.train_task[stop] != task:
-            for j in range(n_tasks):
-                mask = (stream.test_task == j) | iid
-                acc_matrix[task, j], task_acc_matrix[task, j] = evaluate(
-                    learner, stream.test_x[mask], stream.test_y[mask], stream.test_task[mask],
-                    stream.tasks)
+            acc_matrix[task], task_acc_matrix[task] = _accuracy_row(learner, stream, n_tasks, iid)
     if bar is not None:
         bar.close()
     stats = learner.stats()
@@ -160,6 +156,16 @@ def run_split_mnist(method: str = "derpp+ewcpp", buffer: int = 200, seed: int = 
         "config": asdict(config),
         "term_params": {t.name: {k: getattr(t, k) for k in t.defaults} for t in learner.terms},
     }
+
+
+def _accuracy_row(learner, stream, n_tasks: int, iid: bool) -> tuple[list, list]:
+    """(Class-IL, Task-IL) accuracy on each task's test digits (all of them when iid)."""
+    rows = []
+    for j in range(n_tasks):
+        mask = (stream.test_task == j) | iid
+        rows.append(evaluate(learner, stream.test_x[mask], stream.test_y[mask],
+                             stream.test_task[mask], stream.tasks))
+    return [r[0] for r in rows], [r[1] for r in rows]
 
 
 def _shorter_stream(stream, train_per_class: int):

@@ -132,5 +132,7 @@ class ReservoirBuffer:
         self.logits = state["logits"].numpy().copy()
         self.logit_width = state["logit_width"].numpy().copy()
         # checkpoints written before CBRS existed have no class counts: start them empty
-        self.class_seen = state.get("class_seen", torch.zeros(0, dtype=torch.int64)).numpy().copy()
-        self.full_classes = state.get("full_classes", torch.zeros(0, dtype=torch.bool)).numpy().copy()
+        empty = {"class_seen": torch.zeros(0, dtype=torch.int64),
+                 "full_classes": torch.zeros(0, dtype=torch.bool)}
+        self.class_seen = state.get("class_seen", empty["class_seen"]).numpy().copy()
+        self.full_classes = state.get("full_classes", empty["full_classes"]).numpy().copy()
