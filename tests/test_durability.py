@@ -16,7 +16,6 @@ import torch
 
 from edgecl.client import SensorClient, get_status
 from edgecl.errors import UserError
-from edgecl.learn import LearnerConfig
 from edgecl.serve import journal as journal_mod
 from edgecl.serve.commands import format_status
 from edgecl.serve.daemon import Daemon
@@ -27,9 +26,6 @@ from test_daemon import DIGITS, LABELS, make_config, push_frames, raw_request, w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import crash  # noqa: E402
-
-
-STEPS_PER_BATCH = LearnerConfig().iterations  # optimizer steps per learned batch
 
 
 def durable_config(tmp_path, **checkpoints):
@@ -100,9 +96,8 @@ def test_a_journaled_push_never_acked_is_learned_once_and_its_retry_is_a_duplica
 
 def test_samples_learned_after_the_last_checkpoint_are_relearned_exactly(tmp_path,
                                                                           run_daemons):
-    every = 2 * STEPS_PER_BATCH  # a checkpoint every second push
-    first = run_daemons(durable_config(tmp_path, every_steps=every, every_s=0))
-    for seq in range(4):   # one push = one learner batch of 10
+    first = run_daemons(durable_config(tmp_path, every_steps=2, every_s=0))
+    for seq in range(4):   # one push = one learner step of 10 (make_config: 1 iteration)
         assert raw_request(first.address, *push_frames(DIGITS[10 * seq:10 * seq + 10],
                                                        LABELS[10 * seq:10 * seq + 10],
                                                        sensor="cam", seq=seq))["ok"]
@@ -112,7 +107,7 @@ def test_samples_learned_after_the_last_checkpoint_are_relearned_exactly(tmp_pat
     assert [int(p.stem) for p in checkpoints] == [20, 40]
     checkpoints[-1].unlink()   # as if killed after learning 20..40, before checkpointing it
 
-    second = run_daemons(durable_config(tmp_path, every_steps=every, every_s=0))
+    second = run_daemons(durable_config(tmp_path, every_steps=2, every_s=0))
     status = replayed(second, 20)
     assert status["checkpoint"]["restored_from"] == f"{20:020d}.ckpt"
     assert status["samples_learned"] == 40 == second.learner.samples_learned + \
