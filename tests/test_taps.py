@@ -76,7 +76,8 @@ def test_default_method_takes_no_taps_and_no_anchor(monkeypatch):
 
 
 def test_anchor_taken_at_consolidation_is_frozen_and_narrower():
-    learner = OnlineLearner(LearnerConfig(method="pod", buffer_size=0, consolidate_min_gap=2))
+    learner = OnlineLearner(LearnerConfig(method="pod", buffer_size=0, consolidate_min_gap=2,
+                                          iterations=1))  # one step per batch: a gap of 2 is 2 batches
     assert learner.student_taps == ("stage1", "stage2", "stage3", "embedding")
     assert learner.anchor_taps == learner.student_taps and learner.needs_anchor
     x, y = _stream([0, 1])
