@@ -1,8 +1,8 @@
 """What the parameter-importance terms share.
 
 Every one of them adds the same penalty, `sum_i (lam/2) * Omega_i * (theta_i - theta*_i)^2`,
-and differs only in how the importance Omega is estimated (METHODS.md, "Parameter
-importance"). `ImportancePenalty` is that penalty, with the head-growth padding, the state
+and differs only in how the importance Omega is estimated (docs/learning.md, "Methods:
+parameter importance"). `ImportancePenalty` is that penalty, with the head-growth padding, the state
 dict and the memory figures; `RecentWindow` keeps the last stream samples for terms that
 estimate Omega on recent data at a consolidation point; `PathIntegral` is SI's running
 `omega += -g * delta_theta`; `per_sample_mean` averages a function of one gradient per sample.
