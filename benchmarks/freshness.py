@@ -33,29 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ingest import machine as ingest_machine  # noqa: E402  benchmarks/, this folder
+from ingest import run_daemon  # noqa: E402
 from sections import write_section  # noqa: E402
 
 BATCH = 64
-
-
-def run_daemon(port_queue, overrides: dict, state_dir: str) -> None:
-    """Child process: the daemon, as `edgecl serve` runs it, with `overrides` {section.key}."""
-    import logging
-    logging.basicConfig(level=logging.WARNING)
-    from edgecl.config import Config
-    from edgecl.serve.daemon import Daemon
-
-    config = Config()
-    config.serve.port = 0
-    config.serve.bind = "127.0.0.1"
-    config.serve.state_dir = state_dir
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        setattr(getattr(config, section), name, value)
-    daemon = Daemon(config)
-    daemon.bind()
-    port_queue.put(daemon.port)
-    sys.exit(daemon.serve())
 
 
 def push_for(address: str, seconds: float, full: bool) -> int:

@@ -38,7 +38,8 @@ SHAPE = (1, 28, 28)
 
 
 def run_daemon(port_queue, serve_overrides: dict, state_dir: str) -> None:
-    """Child process: the daemon, exactly as `edgecl serve` runs it (signals included)."""
+    """Child process: the daemon, exactly as `edgecl serve` runs it (signals included).
+    Overrides name a `[serve]` key, or any setting as `section.key`."""
     import logging
     logging.basicConfig(level=logging.WARNING)
     from edgecl.config import Config
@@ -49,7 +50,8 @@ def run_daemon(port_queue, serve_overrides: dict, state_dir: str) -> None:
     config.serve.bind = "127.0.0.1"
     config.serve.state_dir = state_dir
     for key, value in serve_overrides.items():
-        setattr(config.serve, key, value)
+        section, _, name = key.rpartition(".")
+        setattr(getattr(config, section or "serve"), name, value)
     daemon = Daemon(config)
     daemon.bind()
     port_queue.put(daemon.port)

@@ -10,15 +10,15 @@ from edgecl.learn.terms.der import DER, masked_logit_mse
 class DERPP(DER):
     """DER++: `alpha * mean ||z' - f(x')||^2 + beta * CE(f(x''), y'')`.
 
-    (x', z') and (x'', y'') are two independent reservoir draws, both augmented on draw.
-    The logit term compares only the classes that existed when z' was stored. With
-    `shared_draw`, one draw serves both terms: a step trains on 2 x `draw` images
-    instead of 3 x `draw` (stream batch of `draw`), and each buffered sample is rehearsed
-    with its label and its logits at once.
+    With `shared_draw` (the default) one augmented reservoir draw serves both terms, x'' = x':
+    a step trains on 2 x `draw` images instead of 3 x `draw` (stream batch of `draw`), and
+    each buffered sample is rehearsed with its label and its logits at once. Without it,
+    (x', z') and (x'', y'') are two independent draws, as in the paper. The logit term
+    compares only the classes that existed when z' was stored.
     """
 
     name = "derpp"
-    describe = "DER++: stored-logit matching plus cross-entropy on a second, independent draw"
+    describe = "DER++: stored-logit matching plus cross-entropy on replayed labels"
     defaults = {"alpha": 0.3, "beta": 0.8, "draw": 10, "shared_draw": True}
 
     def prepare(self, step: Step, rng) -> None:

@@ -2,8 +2,8 @@
 
 Every one of them adds the same penalty, `sum_i (lam/2) * Omega_i * (theta_i - theta*_i)^2`,
 and differs only in how the importance Omega is estimated (docs/learning.md, "Methods:
-parameter importance"). `ImportancePenalty` is that penalty, with the head-growth padding, the state
-dict and the memory figures; `RecentWindow` keeps the last stream samples for terms that
+parameter importance"). `ImportancePenalty` is that penalty, with the head-growth padding, the
+state dict and the memory figures; `RecentWindow` keeps the last stream samples for terms that
 estimate Omega on recent data at a consolidation point; `PathIntegral` is SI's running
 `omega += -g * delta_theta`; `per_sample_mean` averages a function of one gradient per sample.
 """
@@ -272,8 +272,8 @@ class ImportancePenalty(Term):
     def add_penalty_gradient(self) -> None:
         """Add the penalty's exact gradient, `stiffness * (theta - theta*)`, to each
         parameter's .grad in a few fused kernels: the same update as putting `penalty()` in
-        the loss, without an autograd graph over every parameter tensor (two fifths of a
-        small student's ops per step)."""
+        the loss, without a forward and backward graph of small ops over every parameter
+        tensor."""
         omega = self.omega()
         if not self.anchor or not omega:
             return
