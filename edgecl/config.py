@@ -24,6 +24,9 @@ from edgecl.errors import UserError
 from edgecl.wire import DTYPES, InputSpec
 
 
+OVERLOAD_POLICIES = ("realtime", "backpressure")
+
+
 @dataclass
 class ServeConfig:
     """Sockets, queue and flow control of `edgecl serve`."""
@@ -35,6 +38,13 @@ class ServeConfig:
     metrics_port: int = 0            # Prometheus /metrics on this port; 0 = off
     metrics_bind: str = "127.0.0.1"  # address /metrics listens on: plain HTTP, no auth, so
                                      # this box only unless an address is given
+    overload: str = "backpressure"   # when sensors push faster than the learner learns:
+                                     # 'backpressure' answers `busy` once max_lag_s of
+                                     # learning is queued, sensors admitted in turn;
+                                     # 'realtime' acks every push at once and trains on what
+                                     # it has time for, offering the rest to the replay buffer
+                                     # only (docs/overload.md)
+    max_lag_s: float = 2.0           # the most seconds of learning left waiting in the queue
     queue_mb: float = 64.0           # bound on accepted-but-unlearned samples, in MiB
     credit_window: int = 8           # most pushes one client may have unacknowledged
     max_batch: int = 4096            # most samples in one push
@@ -66,7 +76,10 @@ class ServeConfig:
                             "used for announcements)")
         if not 0 <= self.metrics_port <= 65535:
             raise UserError(f"serve.metrics_port: {self.metrics_port} is not a port")
-        for key in ("queue_mb", "credit_window", "max_batch", "max_push_mb", "learn_batch",
+        if self.overload not in OVERLOAD_POLICIES:
+            raise UserError(f"serve.overload: {self.overload!r} is not one of "
+                            f"{', '.join(OVERLOAD_POLICIES)}")
+        for key in ("max_lag_s", "queue_mb", "credit_window", "max_batch", "max_push_mb", "learn_batch",
                     "dedup_window",
                     "stats_interval_s",
                     "max_header_bytes", "max_header_depth", "max_label_chars", "max_classes"):

@@ -81,13 +81,24 @@ class ReservoirBuffer:
 
     def add(self, x: np.ndarray, y: np.ndarray, logits: np.ndarray) -> None:
         """Offer a batch to the reservoir. x: (N, C, H, W) raw, y: (N,), logits: (N, K)."""
-        if self.capacity <= 0:
-            self.seen += len(x)
-            return
-        slots = self.balanced_slots_for(y) if self.balanced else self.slots_for(len(x))
+        slots = self.admit(y)
         keep = slots >= 0
-        if not keep.any():
-            return
+        if keep.any():
+            self.store(slots[keep], x[keep], y[keep], logits[keep])
+
+    def admit(self, y: np.ndarray) -> np.ndarray:
+        """Advance the reservoir over the stream samples labelled `y`: the slot each one
+        takes, -1 if it is dropped. Then `store` what was admitted; deciding first lets a
+        caller compute logits for the admitted few only."""
+        if self.capacity <= 0:
+            self.seen += len(y)
+            return np.full(len(y), -1, dtype=np.int64)
+        return self.balanced_slots_for(y) if self.balanced else self.slots_for(len(y))
+
+    def store(self, idx: np.ndarray, x: np.ndarray, y: np.ndarray,
+              logits: np.ndarray) -> None:
+        """Write admitted samples into their slots. `logits` may have width 0: such a
+        sample has no stored logits, and DER's logit term skips it (masked_logit_mse)."""
         if self.x is None:
             self.x = np.zeros((self.capacity, *x.shape[1:]), dtype=x.dtype)
         width = logits.shape[1]
@@ -95,11 +106,10 @@ class ReservoirBuffer:
             grown = np.zeros((self.capacity, width), dtype=np.float32)
             grown[:, : self.logits.shape[1]] = self.logits
             self.logits = grown
-        idx = slots[keep]
-        self.x[idx] = x[keep]
-        self.y[idx] = y[keep]
+        self.x[idx] = x
+        self.y[idx] = y
         self.logits[idx] = 0.0
-        self.logits[idx, :width] = logits[keep]
+        self.logits[idx, :width] = logits
         self.logit_width[idx] = width
         self.filled = min(self.capacity, self.seen)
 

@@ -26,6 +26,7 @@ from edgecl.models import (EdgeNet, TEACHERS, build_student, build_teacher, froz
 
 AUGMENTS = ("shift", "shift+flip", "none")
 STREAM_LOSSES = ("ce", "ace")
+OFFER_LOGITS = ("forward", "none")
 
 
 @dataclass
@@ -54,6 +55,8 @@ class LearnerConfig:
     predict_in_eval: bool = False    # prequential guess from a separate eval-mode forward
     logit_adjust: float = 0.0        # tau of the logit-adjusted softmax (0: off)
     prior_decay: float = 0.99        # per step, of the running class prior it adjusts by
+    offer_logits: str = "forward"    # logits stored with samples offered to the buffer
+                                     # without training (offer_many): 'forward' | 'none'
     channels_last: bool = True
     threads: int | None = None       # torch intra-op threads; None keeps torch's choice
 
@@ -108,6 +111,8 @@ class LearnerConfig:
             raise ValueError("logit_adjust must be >= 0 and prior_decay in [0, 1)")
         if self.iterations < 1:
             raise ValueError("iterations must be >= 1")
+        if self.offer_logits not in OFFER_LOGITS:
+            raise ValueError(f"offer_logits must be one of {', '.join(OFFER_LOGITS)}")
         if self.consolidate_min_gap < 0:
             raise ValueError("consolidate_min_gap must be >= 0")
         if self.consolidate_every < 1:
@@ -149,6 +154,7 @@ class OnlineLearner:
         self.prequential = PrequentialAccuracy(config.prequential_window)
         self.steps = 0
         self.samples_learned = 0
+        self.samples_offered = 0  # offered to the buffer without training (offer_many)
         self.skipped_steps = 0
         self.last_loss = float("nan")
         self._step_seconds = 0.0
@@ -184,6 +190,34 @@ class OnlineLearner:
         self._steps_timed += 1
         return {"n": len(raw), "correct": correct, "loss": loss}
 
+    def offer_many(self, x, y: Sequence) -> int:
+        """Offer samples to the replay buffer without a gradient step: what a learner that
+        cannot keep up with its stream does with the samples it has no time to train on,
+        so the buffer stays a sample of the whole stream. New labels grow the head, as in
+        learn_many. Returns how many the reservoir admitted.
+
+        Stored logits (`offer_logits`): 'forward' runs the current student in eval mode on
+        the admitted samples only (a few once the reservoir is full), as DER stores the
+        logits of a trained sample; 'none' stores none, so DER's logit term skips them and
+        they replay through the label term alone."""
+        raw = self._check_inputs(x)
+        if len(y) != len(raw):
+            raise ValueError(f"got {len(raw)} inputs but {len(y)} labels")
+        targets = self._encode_labels(y)
+        slots = self.buffer.admit(targets)
+        keep = slots >= 0
+        if keep.any():
+            kept = raw[keep]
+            if self.config.offer_logits == "forward":
+                with torch.inference_mode():
+                    self.student.eval()
+                    logits = self.student(self._to_tensor(kept)).numpy()
+            else:
+                logits = np.zeros((len(kept), 0), dtype=np.float32)
+            self.buffer.store(slots[keep], kept, targets[keep], logits)
+        self.samples_offered += len(raw)
+        return int(keep.sum())
+
     def predict_many(self, x) -> list:
         raw = self._check_inputs(x)
         if self.student is None or not self.labels:
@@ -203,6 +237,7 @@ class OnlineLearner:
         step_time = self._step_seconds / self._steps_timed if self._steps_timed else 0.0
         return {
             "samples_learned": self.samples_learned,
+            "samples_offered": self.samples_offered,
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
             "classes": list(self.labels),
@@ -498,6 +533,7 @@ class OnlineLearner:
             "terms": {t.name: t.state_dict() for t in self.terms},
             "prequential": self.prequential.state_dict(),
             "counters": {"steps": self.steps, "samples_learned": self.samples_learned,
+                         "samples_offered": self.samples_offered,
                          "skipped_steps": self.skipped_steps,
                          "last_consolidation": self.last_consolidation},
             "label_prior": self.label_prior.clone(),
@@ -535,6 +571,7 @@ class OnlineLearner:
         counters = state["counters"]
         self.steps = counters["steps"]
         self.samples_learned = counters["samples_learned"]
+        self.samples_offered = counters.get("samples_offered", 0)  # older checkpoints: none
         self.skipped_steps = counters["skipped_steps"]
         self.last_consolidation = counters["last_consolidation"]
         self.label_prior = state.get("label_prior", torch.zeros(0)).clone()

@@ -17,9 +17,9 @@ time with the path of the offending value. Files from before (`EDGECLC1`, numpy 
 such) still load: with weights_only=True and numpy's array and dtype reconstructors allowed
 (LEGACY_GLOBALS), nothing more.
 
-`covered` is the stream offset up to which every accepted push has been learned (or held out,
-or failed) in this state: the learner consumes pushes in offset order, and a checkpoint is only
-taken between pushes. Restart = newest checkpoint that reads back whole + the journal records
+`covered` is the stream offset up to which every accepted push has been learned (or offered to
+the buffer, held out, or failed) in this state: the learner consumes pushes in offset order,
+and a checkpoint is only taken between pushes. Restart = newest checkpoint that reads back whole + the journal records
 from `covered` on. So a sample learned after the checkpoint is learned again from the
 checkpoint's state, which never saw it: exactly once. The dedup state saved is the learner
 thread's own record of the pushes it consumed, so it matches `covered` exactly.
@@ -58,6 +58,7 @@ FORMAT = 2
 LEGACY_FORMAT = 1
 LOCK_FILE = "LOCK"
 DUPLICATES_FILE = "samples_duplicate"
+OFFER_GROUP = 1024                  # samples per offer_many call when a replay offers pushes
 
 
 class CheckpointDamaged(Exception):
@@ -369,6 +370,7 @@ class StateKeeper:
         counters = state["counters"]
         daemon.samples_learned = int(counters["samples_learned"])
         daemon.samples_failed = int(counters["samples_failed"])
+        daemon.samples_offered = int(counters.get("samples_offered", 0))  # none in older checkpoints
         daemon.samples_duplicate = int(counters["samples_duplicate"])
         self.batches_covered = int(counters["batches_covered"])
         for seen in (daemon.seen, self.covered_seen):
@@ -390,33 +392,42 @@ class StateKeeper:
     # -- learner thread ---------------------------------------------------------------------
 
     def replay(self, learn: Callable[[list[Batch]], None], learn_batch: int,
-               stopped: Callable[[], bool] = lambda: False) -> None:
+               stopped: Callable[[], bool] = lambda: False,
+               offer: Callable[[list[Batch]], None] | None = None,
+               keep_samples: int = 0) -> None:
         """Learn the journaled pushes the checkpoint does not cover, grouped as the queue
-        would group them, before anything new. `stopped()` ends it early (a second signal:
-        what is left stays in the journal for the next start)."""
+        would group them, before anything new, then checkpoint (a crash loop does not replay
+        a growing journal from zero). `stopped()` ends it early (a second signal: what is
+        left stays in the journal for the next start). With `offer` (the real-time policy),
+        a push followed by at least `keep_samples` more journaled samples is offered to the
+        replay buffer, not learned: the rule the policy applies to a live backlog."""
         if self.replay_end <= self.covered:
             return
-        started, group, total = time.monotonic(), [], 0
+        started, group, group_how, total = time.monotonic(), [], None, 0
         for batch in self.journal.records(self.covered, self.replay_end):
             if stopped():
                 return
-            if group and total + batch.n > learn_batch:
-                self._learn_group(learn, group)
+            how, limit = learn, learn_batch
+            if offer is not None and self.replay_end - batch.first - batch.n >= keep_samples:
+                how, limit = offer, OFFER_GROUP
+            if group and (how is not group_how or total + batch.n > limit):
+                self._replay_group(group_how, group)
                 group, total = [], 0
             group.append(batch)
+            group_how = how
             total += batch.n
         if group:
-            self._learn_group(learn, group)
+            self._replay_group(group_how, group)
         log.info("replayed %d journaled samples in %.1f s", self.status["replayed_samples"],
                  time.monotonic() - started)
-        self._publish()
+        self.save()
         if self.covered < self.replay_end:
             log.error("the journal ends at offset %d, before the %d acked before the restart: "
                       "%d acked samples are missing (damaged journal)", self.covered,
                       self.replay_end, self.replay_end - self.covered)
 
-    def _learn_group(self, learn, group: list[Batch]) -> None:
-        learn(group)
+    def _replay_group(self, how, group: list[Batch]) -> None:
+        how(group)
         self.learned(group)
         self.status["replayed_samples"] += sum(b.n for b in group)
         self.maybe_save()
@@ -451,6 +462,7 @@ class StateKeeper:
                 "learner": daemon.learner.state_dict(),
                 "dedup": self.covered_seen.state_dict(),
                 "counters": {"samples_learned": daemon.samples_learned,
+                             "samples_offered": daemon.samples_offered,
                              "samples_failed": daemon.samples_failed,
                              "samples_duplicate": daemon.samples_duplicate,
                              "batches_covered": self.batches_covered},

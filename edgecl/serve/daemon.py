@@ -49,7 +49,7 @@ from edgecl.errors import UserError
 from edgecl.security import ROLES, server_curve
 from edgecl.serve.checkpoints import StateKeeper
 from edgecl.serve.journal import Journal, StorageError
-from edgecl.serve.queue import Batch, IngestQueue, SeenSequences
+from edgecl.serve.queue import Batch, BusyLine, IngestQueue, SeenSequences
 from edgecl.wire import (PROTOCOL_VERSION, ErrorCode, InputSpec, WireError, check_frames,
                          check_header, decode_header, decode_push, error_reply, ok_reply,
                          pack, request_rid, show_value)
@@ -92,10 +92,14 @@ class Daemon:
         if learner is None:
             from edgecl.learn import OnlineLearner
             learner = OnlineLearner(self._learner_config())
+        if config.serve.overload == "realtime" and not hasattr(learner, "offer_many"):
+            raise UserError("serve.overload = 'realtime' needs a learner with offer_many(); "
+                            "use 'backpressure' with this learner")
         self.learner = learner
 
         serve = config.serve
         self.queue = IngestQueue(serve.queue_bytes)
+        self.busy_line = BusyLine(expire_s=max(1.0, 10 * serve.retry_after_ms / 1000))
         self.seen = SeenSequences(serve.dedup_window)
         self.port: int | None = None
         self.pub_port: int | None = None
@@ -118,7 +122,9 @@ class Daemon:
         self._stats_lock = threading.Lock()
         self._learner_stats: dict = {}
         self.samples_learned = 0
+        self.samples_offered = 0   # real-time policy: offered to the replay buffer only
         self.samples_failed = 0
+        self.learn_rate: float | None = None  # samples trained per second (moving average)
         self.learner_error: str | None = None
         self._learner_hooks: list[LearnerHook] = []
         self.current_batches: list[Batch] = []  # what the learner is on (for learner hooks)
@@ -486,7 +492,7 @@ class Daemon:
             self.samples_duplicate += n
             self.keeper.note_duplicates(self.samples_duplicate)
             return ok_reply(rid, seq=request.seq, n=n, range=[first, first + n],
-                            duplicate=True, credit=self._credit(request.x.nbytes))
+                            duplicate=True, credit=self._credit(request.x.nbytes, n))
         if not self.accepting:
             self.refused[ErrorCode.SHUTTING_DOWN] += 1
             return self._error(header, ErrorCode.SHUTTING_DOWN,
@@ -496,11 +502,13 @@ class Daemon:
         batch = Batch(request.sensor, request.seq, request.x, request.labels,
                       first=self._next_offset)
         if not self._commit(batch):
+            self.busy_line.refused(request.sensor, batch.accepted_at)
             self.refused[ErrorCode.BUSY] += 1
             return self._error(header, ErrorCode.BUSY,
                                f"queue full ({self.queue.samples} samples waiting to be "
-                               f"learned); nothing was accepted, retry after "
-                               f"{serve.retry_after_ms} ms",
+                               f"learned, {len(self.busy_line)} sensors in line); nothing "
+                               f"was accepted, retry after {serve.retry_after_ms} ms: "
+                               "sensors are admitted in the order they were refused",
                                retry_after_ms=serve.retry_after_ms, credit=0)
         if self.spec is None:
             self._fix_spec(request.spec)
@@ -512,17 +520,21 @@ class Daemon:
         self._last_push_by_sensor[request.sensor] = batch.accepted_at
         return ok_reply(rid, seq=request.seq, n=batch.n, range=[batch.first,
                                                                  batch.first + batch.n],
-                        credit=self._credit(batch.nbytes))
+                        credit=self._credit(batch.nbytes, batch.n))
 
     def _commit(self, batch: Batch) -> bool:
         """Make a push accepted, or return False (queue full) or raise `storage` (the journal
         could not be written) having accepted nothing.
 
-        The ack is sent only after this returns True. Durability goes here: check room, append
-        the batch to the journal, then put it on the queue (room cannot vanish in between: only
-        this thread puts). Dedup state is recorded by the caller after this succeeds.
+        The ack is sent only after this returns True. Durability goes here: check room (and
+        the sensor's turn, if others were refused before it), append the batch to the journal,
+        then put it on the queue (room cannot vanish in between: only this thread puts). Dedup
+        state is recorded by the caller after this succeeds.
         """
-        if not self.queue.has_room(batch.nbytes):
+        if not self.queue.has_room(batch.nbytes, batch.n):
+            return False
+        fits = max(1, self.queue.free_batches(batch.nbytes, batch.n))
+        if not self.busy_line.admits(batch.sensor, fits, batch.accepted_at):
             return False
         try:
             self.journal.append(batch)
@@ -551,7 +563,7 @@ class Daemon:
             self._classes = set(getattr(self.learner, "labels", None) or ())
         self._classes.update(labels)
 
-    def _credit(self, batch_bytes: int) -> int:
+    def _credit(self, batch_bytes: int, batch_n: int) -> int:
         """Pushes this client may have unacknowledged: the window, cut down so that all active
         sensors together cannot overfill the free room in the queue."""
         now = time.monotonic()
@@ -561,7 +573,7 @@ class Daemon:
             self._last_push_by_sensor = recent
             self._active_sensors = max(1, len(recent))
             self._active_counted_at = now
-        fits = self.queue.free_bytes() // max(1, batch_bytes)
+        fits = self.queue.free_batches(batch_bytes, batch_n)
         return int(max(0, min(self.config.serve.credit_window, fits // self._active_sensors)))
 
     # ----------------------------------------------------------------- the input spec
@@ -625,17 +637,14 @@ class Daemon:
     def _learn_until_drained(self) -> None:
         interval = self.config.serve.stats_interval_s
         last_published = 0.0
-        self.keeper.replay(self._learn, self.config.serve.learn_batch,
-                           stopped=lambda: self.queue.abandoned)
+        self._replay_journal()
         while True:
+            self._offer_backlog()
             batches = self.queue.take(self.config.serve.learn_batch, timeout=interval)
             if batches is None:
                 break
             if batches:
-                self._learn(batches)
-                self.keeper.learned(batches)
-                self.queue.done(batches)
-                self.keeper.maybe_save()
+                self._consume(batches, self._learn)
             else:
                 for hook in self._idle_hooks:
                     self._run_idle_hook(hook)
@@ -649,15 +658,58 @@ class Daemon:
         self.keeper.save()
         self._publish_stats()
 
+    def _replay_journal(self) -> None:
+        """The journaled pushes no checkpoint covers, under the configured overload policy."""
+        realtime = self.config.serve.overload == "realtime"
+        self.keeper.replay(self._learn, self.config.serve.learn_batch,
+                           stopped=lambda: self.queue.abandoned,
+                           offer=self._offer if realtime else None,
+                           keep_samples=self.lag_samples())
+
+    def _consume(self, batches: list[Batch], how: Callable[[list[Batch]], None]) -> None:
+        """Learn or offer `batches`, then mark them consumed (checkpoint record, queue room)."""
+        how(batches)
+        self.keeper.learned(batches)
+        self.queue.done(batches)
+        self.keeper.maybe_save()
+
+    def lag_samples(self) -> int:
+        """serve.max_lag_s of learning, in samples, at the measured rate (before the first
+        measurement, five steps' worth)."""
+        serve = self.config.serve
+        if self.learn_rate is None:
+            return 5 * serve.learn_batch
+        return max(serve.learn_batch, int(serve.max_lag_s * self.learn_rate))
+
+    def _offer_backlog(self) -> None:
+        """The real-time policy: pushes further behind than max_lag_s of learning go to the
+        replay buffer only, so the learner trains on the recent stream (docs/overload.md)."""
+        if self.config.serve.overload != "realtime":
+            return
+        behind = self.queue.take_behind(self.lag_samples())
+        if behind:
+            self._consume(behind, self._offer)
+
+    def _offer(self, batches: list[Batch]) -> None:
+        x, labels = _joined(batches)
+        try:
+            self.learner.offer_many(x, labels)
+            failed = 0
+        except Exception as exc:  # contained like a failed learn step
+            log.exception("offering %d samples to the replay buffer failed", len(labels))
+            failed = len(labels)
+            with self._stats_lock:
+                self.learner_error = f"{type(exc).__name__}: {exc}"
+        with self._stats_lock:
+            self.samples_offered += len(labels) - failed
+            self.samples_failed += failed
+
     def _learn(self, batches: list[Batch]) -> None:
         """One learn_many call (one optimizer step) per `learn_batch` samples: small pushes are
         merged, large ones split, so the step size does not depend on how sensors batch."""
+        started = time.perf_counter()
         self.current_batches = batches
-        if len(batches) == 1:
-            x, labels = batches[0].x, batches[0].labels
-        else:
-            x = np.concatenate([b.x for b in batches])
-            labels = [label for b in batches for label in b.labels]
+        x, labels = _joined(batches)
         size = self.config.serve.learn_batch
         for start in range(0, len(labels), size):
             chunk_labels = labels[start:start + size]
@@ -675,6 +727,15 @@ class Daemon:
                 self.samples_failed += failed
             for hook in self._learner_hooks:
                 self._run_hook(hook, final=False)
+        self._note_rate(len(labels), time.perf_counter() - started)
+
+    def _note_rate(self, n: int, seconds: float) -> None:
+        """Moving average of samples trained per second; under backpressure it bounds the
+        queue to max_lag_s of learning."""
+        rate = n / max(seconds, 1e-6)
+        self.learn_rate = rate if self.learn_rate is None else 0.8 * self.learn_rate + 0.2 * rate
+        if self.config.serve.overload == "backpressure":
+            self.queue.limit_samples = self.lag_samples()
 
     def _run_hook(self, hook: LearnerHook, final: bool) -> None:
         try:
@@ -708,6 +769,7 @@ class Daemon:
         with self._stats_lock:
             stats = self._learner_stats
             learned, failed = self.samples_learned, self.samples_failed
+            offered = self.samples_offered
             learner_error = self.learner_error
             extra = self._extra_status
         classes = list(stats.get("classes", []))
@@ -720,10 +782,14 @@ class Daemon:
             "input_spec": self.spec.as_dict() if self.spec else None,
             "samples_received": self.samples_received,
             "samples_learned": learned,
+            "samples_offered": offered,
             "samples_failed": failed,
             "samples_duplicate": self.samples_duplicate,
             "batches_received": self.batches_received,
-            "queue_depth": self.samples_received - learned - failed,
+            "queue_depth": self.samples_received - learned - offered - failed,
+            "overload": self.config.serve.overload,
+            "learn_rate": None if self.learn_rate is None else round(self.learn_rate, 2),
+            "busy_line": len(self.busy_line),
             "queue_bytes": self.queue.bytes,
             "queue_capacity_bytes": self.queue.capacity_bytes,
             "refused": dict(self.refused),
@@ -750,3 +816,11 @@ class Daemon:
         status.update(extra)
         status["journal"] = self.journal.stats()
         return status
+
+
+def _joined(batches: list[Batch]) -> tuple[np.ndarray, list]:
+    """The samples and labels of `batches` as one array and one list (no copy for one)."""
+    if len(batches) == 1:
+        return batches[0].x, batches[0].labels
+    return (np.concatenate([b.x for b in batches]),
+            [label for b in batches for label in b.labels])

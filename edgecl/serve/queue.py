@@ -47,7 +47,9 @@ class IngestQueue:
         self._items: deque[Batch] = deque()
         self._bytes = 0            # queued + being learned
         self._samples = 0          # queued + being learned
+        self._waiting = 0          # queued only
         self._closed = False       # no more puts; the learner drains what is left
+        self.limit_samples: int | None = None  # a bound in samples too (backpressure's lag)
         self._abandoned = False    # stop now; whatever is left is not learned
 
     @property
@@ -59,30 +61,48 @@ class IngestQueue:
         return self._samples
 
     @property
+    def waiting(self) -> int:
+        """Samples queued and not yet taken by the learner."""
+        return self._waiting
+
+    @property
     def batches(self) -> int:
         return len(self._items)
 
     def free_bytes(self) -> int:
         return max(0, self.capacity_bytes - self._bytes)
 
+    def free_batches(self, nbytes: int, n: int) -> int:
+        """How many more batches of `nbytes` bytes and `n` samples fit now."""
+        fits = self.free_bytes() // max(1, nbytes)
+        if self.limit_samples is not None:
+            fits = min(fits, max(0, self.limit_samples - self._samples) // max(1, n))
+        return int(fits)
+
     @property
     def abandoned(self) -> bool:
         return self._abandoned
 
-    def has_room(self, nbytes: int) -> bool:
-        """Would a batch of `nbytes` be taken now? An empty queue takes any batch, so a push
-        larger than the whole bound cannot be refused forever."""
-        return not self._closed and (not self._bytes
-                                     or self._bytes + nbytes <= self.capacity_bytes)
+    def has_room(self, nbytes: int, n: int = 0) -> bool:
+        """Would a batch of `nbytes` bytes and `n` samples be taken now? An empty queue
+        takes any batch, so a push larger than the whole bound cannot be refused forever."""
+        if self._closed:
+            return False
+        if not self._bytes:
+            return True
+        limit = self.limit_samples
+        return (self._bytes + nbytes <= self.capacity_bytes
+                and (limit is None or self._samples + n <= limit))
 
     def try_put(self, batch: Batch) -> bool:
         """Queue `batch` if it fits (see has_room); never blocks."""
         with self._cond:
-            if not self.has_room(batch.nbytes):
+            if not self.has_room(batch.nbytes, batch.n):
                 return False
             self._items.append(batch)
             self._bytes += batch.nbytes
             self._samples += batch.n
+            self._waiting += batch.n
             self._cond.notify()
             return True
 
@@ -100,7 +120,20 @@ class IngestQueue:
                 batch = self._items.popleft()
                 taken.append(batch)
                 total += batch.n
+            self._waiting -= total
             return taken
+
+    def take_behind(self, keep_samples: int) -> list[Batch]:
+        """The oldest queued batches beyond the newest `keep_samples` samples' worth (whole
+        batches, in stream order); never blocks. The real-time policy offers these to the
+        replay buffer instead of training on them (docs/overload.md)."""
+        with self._cond:
+            behind: list[Batch] = []
+            while self._items and self._waiting - self._items[0].n >= keep_samples:
+                batch = self._items.popleft()
+                behind.append(batch)
+                self._waiting -= batch.n
+            return behind
 
     def done(self, batches: list[Batch]) -> None:
         """The learner has finished with these batches: release their share of the bound."""
@@ -122,6 +155,41 @@ class IngestQueue:
             self._abandoned = True
             self._cond.notify_all()
             return self._samples
+
+
+class BusyLine:
+    """Sensors answered `busy`, in the order they were first refused. When room frees up,
+    the ones refused first are admitted first: retries are served in arrival order, so the
+    ack wait is bounded and every sensor gets its share. A sensor that stops retrying
+    leaves the line after `expire_s`."""
+
+    def __init__(self, expire_s: float):
+        self.expire_s = float(expire_s)
+        self._line: OrderedDict[str, float] = OrderedDict()  # sensor -> last refusal
+
+    def __len__(self) -> int:
+        return len(self._line)
+
+    def admits(self, sensor: str, fits: int, now: float) -> bool:
+        """May `sensor` take one of the `fits` free places now? True leaves the line."""
+        while self._line:
+            first, last_seen = next(iter(self._line.items()))
+            if now - last_seen <= self.expire_s:
+                break
+            del self._line[first]
+        if not self._line:
+            return True
+        for position, waiting in enumerate(self._line):
+            if position >= fits:
+                return False
+            if waiting == sensor:
+                del self._line[sensor]
+                return True
+        return fits > len(self._line)  # room for every sensor in line and this one too
+
+    def refused(self, sensor: str, now: float) -> None:
+        """`sensor` got `busy`: it joins the end of the line, or keeps its place."""
+        self._line[sensor] = now
 
 
 class SeenSequences:
