@@ -391,3 +391,5 @@ def register(sub) -> None:
                    help="draw the accuracy matrices and accuracy over the stream into DIR "
                         "(PNG and SVG; needs the plot extra)")
     p.set_defaults(func=cmd_split_mnist)
+    from edgecl import bench_realtime  # edgecl bench realtime: its own module
+    bench_realtime.register(bench_sub)

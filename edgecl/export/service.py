@@ -41,6 +41,7 @@ from edgecl.export.snapshots import (META_FILE, MODEL_FILES, SnapshotRejected, S
                                      sha256_bytes)
 from edgecl.config import SnapshotConfig
 from edgecl.errors import UserError
+from edgecl.threads import lower_this_thread
 from edgecl.wire import ErrorCode, WireError
 
 log = logging.getLogger("edgecl.snapshots")
@@ -49,6 +50,7 @@ TOPIC = "snapshot"
 REJECTED_TOPIC = "snapshot.rejected"
 FILES = (*MODEL_FILES, META_FILE)
 RETRY_FRACTION = 0.25   # after a rejection, the next try comes after this part of the period
+EXPORT_NICENESS = 5     # exports, like learning, yield cores to the socket loop
 KEPT_OUTCOMES = 32      # settled export outcomes remembered for held requests
 _TICKET = object()      # key under which a held snapshot.export keeps its ticket (no client
                         # can send a non-string key, so none can forge one)
@@ -198,6 +200,7 @@ class SnapshotService:
     # -- export thread ----------------------------------------------------------------------
 
     def _export_loop(self) -> None:
+        lower_this_thread(EXPORT_NICENESS)
         while True:
             job = self._jobs.get()
             if job is None:

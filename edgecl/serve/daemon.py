@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -47,6 +48,7 @@ from edgecl import __version__
 from edgecl.config import Config, resolve_state_dir
 from edgecl.errors import UserError
 from edgecl.security import ROLES, server_curve
+from edgecl.threads import lower_this_thread
 from edgecl.serve.checkpoints import StateKeeper
 from edgecl.serve.journal import Journal, StorageError
 from edgecl.serve.queue import Batch, BusyLine, IngestQueue, SeenSequences
@@ -65,7 +67,12 @@ MAX_DRAIN_PER_POLL = 256    # requests handled per wake-up: fewer GIL hand-offs 
 # module named has `attach(daemon)`, called at the end of Daemon.__init__, which registers ops,
 # learner hooks and status fields through the extension points above. One line per feature.
 ATTACHMENTS: list[str] = ["edgecl.export.service", "edgecl.serve.timeseries"]
-MAX_LONG_POLL_MS = 300_000  # longest a long-poll request is held before it must be answered
+MAX_LONG_POLL_MS = 300_000
+LEARNER_NICENESS = 5        # the learner and exports yield cores to the socket loop
+# How often a thread holding the GIL is asked to let another run (Python's default: 5 ms).
+# The learner and export threads hold it in stretches; 1 ms keeps the ack p99 at 10 ms
+# rather than 110 ms while they work (BENCHMARKS.md, "realtime").
+SWITCH_INTERVAL_S = 0.001  # longest a long-poll request is held before it must be answered
 
 OpHandler = Callable[[dict, Any], dict]
 LearnerHook = Callable[[Any, int, bool], None]
@@ -283,6 +290,7 @@ class Daemon:
 
     def start(self) -> "Daemon":
         """Bind, then run the socket loop and learner in background threads."""
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.bind()
         self._learner_thread = threading.Thread(target=self._learn_loop, name="edgecl-learner",
                                                 daemon=True)
@@ -300,6 +308,7 @@ class Daemon:
         """
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGINT, signal.SIGTERM)}
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         try:
             if self._router is None:
                 self.bind()
@@ -623,6 +632,7 @@ class Daemon:
         learn_many errors are contained per step (see _learn). Anything else escaping here is a
         bug in edgecl: the daemon then stops (exit 1) rather than ack samples it can never learn.
         """
+        lower_this_thread(LEARNER_NICENESS)
         try:
             self._learn_until_drained()
         except Exception as exc:

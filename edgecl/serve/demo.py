@@ -34,10 +34,23 @@ def _stream(address: str, name: str, x: np.ndarray, y: list, batch: int, errors:
 
 
 def _pull_and_score(address: str, out_dir: str, stream) -> None:
-    """Act as a device: ask for a fresh snapshot, pull it over the wire (sha256-checked), and
-    score the fp32 and int8 ONNX models with onnxruntime on the 1,000 test digits."""
+    """Act as a device and print what it pulled and how it scores."""
+    scores = pull_and_score(address, out_dir, stream.test_x, stream.test_y)
+    if scores is None:
+        print("\nno snapshot was published (the parity gate refused it; see status)")
+        return
+    print(f"\npulled snapshot {scores['version']} into {out_dir}")
+    for name in ("model.onnx", "model.int8.onnx"):
+        print(f"  {name:16s} {scores[name]['bytes'] / 1024:7.0f} KB  onnxruntime accuracy on "
+              f"the {len(stream.test_y):,} test digits: {scores[name]['accuracy']:.1%}")
+
+
+def pull_and_score(address: str, out_dir: str, test_x: np.ndarray, test_y: np.ndarray,
+                   wait_s: float = 120.0) -> dict | None:
+    """Ask for a fresh snapshot, pull it over the wire (sha256-checked) as a device does,
+    and score the fp32 and int8 ONNX models with onnxruntime on the test samples. None when
+    no snapshot was published (the parity gate refused every one)."""
     import json
-    from pathlib import Path
 
     import onnxruntime as ort
 
@@ -46,23 +59,22 @@ def _pull_and_score(address: str, out_dir: str, stream) -> None:
 
     with Connection(address, 5.0, 1) as conn:
         before = conn.request("snapshot.export").get("latest") or 0
-    with Connection(address, 125.0, 0) as conn:
-        conn.request("snapshot.info", since=before, wait_ms=120_000)
+    with Connection(address, wait_s + 5, 0) as conn:
+        conn.request("snapshot.info", since=before, wait_ms=int(wait_s * 1000))
     device = DeviceClient(address, out_dir)
     device.pull()
     if device.local_version() is None:
-        print("\nno snapshot was published (the parity gate refused it; see status)")
-        return
+        return None
     meta = json.loads((Path(out_dir) / "meta.json").read_text())
-    print(f"\npulled snapshot {meta['version']} into {out_dir}")
+    scores: dict = {"version": meta["version"]}
     for name in ("model.onnx", "model.int8.onnx"):
         session = ort.InferenceSession(str(Path(out_dir) / name),
                                        providers=["CPUExecutionProvider"])
-        logits = session.run(None, {meta["input"]["name"]: stream.test_x})[0]
+        logits = session.run(None, {meta["input"]["name"]: test_x})[0]
         predicted = np.asarray(meta["labels"])[logits.argmax(1)]
-        size = (Path(out_dir) / name).stat().st_size
-        print(f"  {name:16s} {size / 1024:7.0f} KB  onnxruntime accuracy on the 1,000 test "
-              f"digits: {np.mean(predicted == stream.test_y):.1%}")
+        scores[name] = {"accuracy": float(np.mean(predicted == test_y)),
+                        "bytes": (Path(out_dir) / name).stat().st_size}
+    return scores
 
 
 @contextlib.contextmanager
