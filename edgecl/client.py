@@ -79,29 +79,42 @@ class Connection:
         self._rids = itertools.count(1)
 
     def request(self, op: str, payload: bytes | None = None, **fields) -> dict:
-        """Send one request and return the ok reply; RequestRefused on an error reply."""
+        """Send one request and return the ok reply; RequestRefused on an error reply. A
+        `busy` reply (a full queue, a daemon still loading) is retried after its
+        `retry_after_ms` for as long as the timeouts of every try would have lasted."""
         rid = next(self._rids)
         frames = [pack({"v": PROTOCOL_VERSION, "op": op, "rid": rid, **fields})]
         if payload is not None:
             frames.append(payload)
-        for attempt in range(self.retries + 1):
-            if attempt:
+        busy_until = time.monotonic() + self.timeout * (self.retries + 1)
+        attempt = 0
+        while attempt <= self.retries:
+            reply = self._try(frames, rid)
+            if reply is None:
+                attempt += 1
                 self._sock.close(linger=0)
                 self._sock = new_socket(self._ctx, self.address, self.curve)
-            self._sock.send_multipart(frames)
-            deadline = time.monotonic() + self.timeout
-            while (left := deadline - time.monotonic()) > 0:
-                if not self._sock.poll(int(left * 1000) + 1):
-                    break
-                reply = unpack_reply(self._sock.recv())
-                if reply.get("rid") != rid:
-                    continue  # a late answer to an earlier attempt
-                if not reply["ok"]:
-                    raise RequestRefused(reply.get("error", "?"), reply.get("message", ""))
+            elif reply["ok"]:
                 return reply
+            elif reply.get("error") == "busy" and time.monotonic() < busy_until:
+                time.sleep(min(5.0, max(0.01, reply.get("retry_after_ms", 100) / 1000)))
+            else:
+                raise RequestRefused(reply.get("error", "?"), reply.get("message", ""))
         raise DaemonUnavailable(f"no reply from {self.address} to {op!r} after "
                                 f"{self.retries + 1} tries of {self.timeout:g} s; is "
                                 "`edgecl serve` running there?")
+
+    def _try(self, frames: list, rid: int) -> dict | None:
+        """Send once; the reply to this request, or None if none came within the timeout."""
+        self._sock.send_multipart(frames)
+        deadline = time.monotonic() + self.timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not self._sock.poll(int(left * 1000) + 1):
+                return None
+            reply = unpack_reply(self._sock.recv())
+            if reply.get("rid") == rid:
+                return reply  # anything else is a late answer to an earlier attempt
+        return None
 
     def close(self) -> None:
         self._sock.close(linger=0)

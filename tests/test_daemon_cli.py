@@ -157,3 +157,39 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "--batch" in run("push", "mnist5k", "--batch", "0")
     assert "no reply" in run("status", "--from", "tcp://127.0.0.1:1", "--timeout", "0.2",
                              "--retries", "0")
+
+
+def journal_unlearned(state_dir, n: int, batch: int = 50) -> None:
+    """A state directory holding `n` acked samples nobody learned: a daemon killed early."""
+    from edgecl.serve.journal import Journal
+    from edgecl.serve.queue import Batch
+
+    x = np.random.default_rng(0).integers(0, 256, (n, 1, 8, 8), dtype=np.uint8)
+    journal = Journal(state_dir / "journal", fsync="interval")
+    journal.open()
+    for first in range(0, n, batch):
+        journal.append(Batch("old", first, x[first:first + batch],
+                             [(first + i) % 3 for i in range(batch)], first=first))
+    journal.close()
+
+
+def test_acks_start_before_the_learner_loads_and_the_replay_checkpoints(serve, tmp_path):
+    journal_unlearned(tmp_path / "state", 2000)
+    daemon = serve()
+    x = np.zeros((4, 1, 8, 8), dtype=np.uint8)
+    with SensorClient(daemon.address, sensor="new", timeout=10) as client:
+        client.push(x, [0, 1, 2, 0])
+        client.flush()
+        early = get_status(daemon.address)
+    assert early["learner_state"] == "loading", early   # acked while torch was still loading
+    assert early["samples_received"] == 2004
+    done = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done = get_status(daemon.address)
+        if done["samples_learned"] == 2004:
+            break
+        time.sleep(0.2)
+    assert done["samples_learned"] == 2004 and done["learner_state"] == "learning"
+    assert done["checkpoint"]["replayed_samples"] == 2000
+    assert done["checkpoint"]["covered"] >= 2000     # a crash now would not replay them again

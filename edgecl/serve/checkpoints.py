@@ -24,8 +24,10 @@ from `covered` on. So a sample learned after the checkpoint is learned again fro
 checkpoint's state, which never saw it: exactly once. The dedup state saved is the learner
 thread's own record of the pushes it consumed, so it matches `covered` exactly.
 
-Who does what: the learner thread writes checkpoints (it owns torch and the learner); the
-restore runs in `Daemon.__init__`, before any thread starts. Writes are atomic (temporary
+Who does what: the learner thread writes checkpoints (it owns torch and the learner). A
+restart has two halves: `restore_offsets` reads the journal in `Daemon.__init__` (no torch,
+so acks start within a second of launch), and `restore_learner` loads the checkpoint in the
+learner thread, while the socket loop already serves. Writes are atomic (temporary
 file, fsync, rename, fsync of the directory). Journal segments are removed once the *older*
 of the two kept checkpoints covers them, so falling back to it never misses a record.
 """
@@ -272,6 +274,11 @@ class CheckpointStore:
                             "directory and the journal aside to start over from nothing")
         return None
 
+    def newest_covered(self) -> int:
+        """The offset the newest checkpoint file covers, from its name (no reading)."""
+        paths = self.paths()
+        return int(paths[-1].stem) if paths else 0
+
     def oldest_covered(self) -> int:
         """The offset every kept checkpoint covers (journal segments below it can go)."""
         paths = self.paths()
@@ -305,6 +312,8 @@ class StateKeeper:
         self.covered_seen = SeenSequences(daemon.seen.window, daemon.seen.max_sensors)
         self.batches_covered = 0
         self.replay_end = 0
+        self._record_firsts: list[int] = []  # journal records at start (batch counts)
+        self._newest_at_start = 0
         self._saved_covered: int | None = None
         self._saved_steps = 0
         self._saved_at = time.monotonic()
@@ -314,39 +323,47 @@ class StateKeeper:
 
     # -- startup (main thread, before the daemon's threads) ---------------------------------
 
-    def restore(self) -> None:
-        """Newest whole checkpoint into the learner and the daemon's counters and dedup
-        record, then the journal's later records into dedup and offsets. On failure (a full
-        disk, ...) the state directory's lock is freed, so a retry in this process can run."""
+    def restore_offsets(self) -> None:
+        """The torch-free half of a restart, before the sockets open: the journal gives the
+        stream offset, the dedup record and the classes, so pushes are acked (and retries
+        recognised) while the learner still loads. Checkpoint file names say how far the
+        newest covers. On failure (a full disk, ...) the state directory's lock is freed, so
+        a retry in this process can run."""
         try:
-            self._restore()
+            self._restore_offsets()
         except BaseException:
             self.close()
             raise
 
-    def _restore(self) -> None:
+    def _restore_offsets(self) -> None:
+        daemon = self.daemon
+        newest = self.store.newest_covered()
+        next_offset, records = self.journal.open(0)
+        for record in records:
+            daemon.seen.record(record.sensor, record.seq, record.first, record.n)
+            daemon.note_classes(record.labels)
+        next_offset = max(next_offset, newest)
+        self._record_firsts = [record.first for record in records]
+        self._newest_at_start = newest
+        daemon._next_offset = next_offset
+        daemon.samples_duplicate = self.duplicates.value
+        daemon.samples_received = next_offset
+        daemon.batches_received = sum(first >= newest for first in self._record_firsts)
+        self.replay_end = next_offset
+
+    def restore_learner(self) -> None:
+        """The torch half (learner thread): the newest checkpoint that reads back whole into
+        the learner, its counters and its dedup record (merged by the socket loop)."""
         daemon = self.daemon
         loaded = self.store.load_newest()
         if loaded is not None:
-            state, path = loaded
-            self._apply(state, path)
-        next_offset, records = self.journal.open(self.covered)
-        for record in records:
-            daemon.seen.record(record.sensor, record.seq, record.first, record.n)
-            if hasattr(daemon, "note_classes"):
-                daemon.note_classes(record.labels)
-        daemon._next_offset = next_offset
-        # counted at every duplicate, so newer than the checkpoint's copy (if the file exists)
-        daemon.samples_duplicate = max(daemon.samples_duplicate, self.duplicates.value)
-        daemon.samples_received = next_offset
-        daemon.batches_received = self.batches_covered + len(records)
-        self.replay_end = next_offset
+            self._apply(*loaded)
         self._saved_covered = self.covered if loaded is not None else None
         self._saved_steps = int(getattr(daemon.learner, "steps", 0) or 0)
-        if loaded is not None or records:
-            log.info("restored: checkpoint %s covers %d samples; %d journaled samples in %d "
-                     "pushes to replay", loaded[1].name if loaded else "(none)", self.covered,
-                     next_offset - self.covered, len(records))
+        if loaded is not None or self.replay_end:
+            log.info("restored: checkpoint %s covers %d samples; %d journaled samples to replay",
+                     loaded[1].name if loaded else "(none)", self.covered,
+                     self.replay_end - self.covered)
         self._publish()
 
     def _apply(self, state: dict, path: Path) -> None:
@@ -370,11 +387,14 @@ class StateKeeper:
         counters = state["counters"]
         daemon.samples_learned = int(counters["samples_learned"])
         daemon.samples_failed = int(counters["samples_failed"])
-        daemon.samples_offered = int(counters.get("samples_offered", 0))  # none in older checkpoints
-        daemon.samples_duplicate = int(counters["samples_duplicate"])
+        daemon.samples_offered = int(counters.get("samples_offered", 0))  # none in older files
         self.batches_covered = int(counters["batches_covered"])
-        for seen in (daemon.seen, self.covered_seen):
-            seen.load_state_dict(state["dedup"])
+        self.covered_seen.load_state_dict(state["dedup"])
+        # what the socket loop counted from the journal at start assumed the newest file
+        counted = sum(first >= self._newest_at_start for first in self._record_firsts)
+        batches = self.batches_covered + sum(first >= self.covered
+                                             for first in self._record_firsts) - counted
+        daemon.merge_restored(state["dedup"], int(counters["samples_duplicate"]), batches)
         self._saved_parts = state.get("parts", {})
         self.status["restored_from"] = path.name
 

@@ -96,13 +96,10 @@ class Daemon:
             raise UserError(f"cannot use state directory {self.state_dir}: {exc.strerror}") \
                 from None
         self.spec = self._resolve_spec(config.input.spec())
-        if learner is None:
-            from edgecl.learn import OnlineLearner
-            learner = OnlineLearner(self._learner_config())
-        if config.serve.overload == "realtime" and not hasattr(learner, "offer_many"):
-            raise UserError("serve.overload = 'realtime' needs a learner with offer_many(); "
-                            "use 'backpressure' with this learner")
+        # Built by the learner thread when not given (fast start: no torch before acks).
         self.learner = learner
+        if learner is not None:
+            self._check_learner()
 
         serve = config.serve
         self.queue = IngestQueue(serve.queue_bytes)
@@ -138,7 +135,10 @@ class Daemon:
         self._idle_hooks: list[Callable[[Any, int], None]] = []
 
         self._extra_status: dict = {}
-        self._classes: set | None = None  # labels accepted so far (serve.max_classes)
+        self._classes: set = set()  # labels accepted so far (serve.max_classes)
+        self.ready = threading.Event()  # the learner is loaded and every feature attached
+        self.load_error: str | None = None
+        self._loop_calls: deque[Callable[[], None]] = deque()  # run by the socket loop
         self._ops: dict[str, OpHandler] = {"ping": self._op_ping, "status": self._op_status}
         self._long_poll_ops: set[str] = set()
         self._parked: list[tuple[float, list, dict, Any]] = []  # held long-poll requests
@@ -159,10 +159,44 @@ class Daemon:
                                journal.fsync_interval_ms, journal.segment_bytes)
         self.keeper = StateKeeper(self, self.journal, config.checkpoints.every_steps,
                                   config.checkpoints.every_s)
-        self.keeper.restore()
+        self.keeper.restore_offsets()
+
+    def _check_learner(self) -> None:
+        if self.config.serve.overload == "realtime" and not hasattr(self.learner, "offer_many"):
+            raise UserError("serve.overload = 'realtime' needs a learner with offer_many(); "
+                            "use 'backpressure' with this learner")
+
+    def _load(self) -> None:
+        """Learner thread, before learning: build the learner, load the newest checkpoint
+        into it and attach the features. All the torch work of a start happens here, while
+        the socket loop already acks pushes (they queue behind the journal replay)."""
+        if self.learner is None:
+            from edgecl.learn import OnlineLearner
+            self.learner = OnlineLearner(self._learner_config())
+            self._check_learner()
+        self.keeper.restore_learner()
         for name in ATTACHMENTS:
             importlib.import_module(name).attach(self)
         self.keeper.restore_parts()
+        labels = list(getattr(self.learner, "labels", None) or ())
+        self.call_in_loop(lambda: self.note_classes(labels))
+        self.call_in_loop(self.ready.set)  # after the merges queued before it
+
+    def call_in_loop(self, fn: Callable[[], None]) -> None:
+        """Run `fn` in the socket loop, which owns the dedup record and the push counters."""
+        self._loop_calls.append(fn)
+
+    def merge_restored(self, dedup: dict, duplicates: int, batches: int) -> None:
+        """A checkpoint's dedup record and counters, loaded by the learner thread, joined
+        with what the socket loop rebuilt from the journal (the newer entries win)."""
+        def merge() -> None:
+            merged = SeenSequences(self.seen.window, self.seen.max_sensors)
+            merged.load_state_dict({"sensors": dedup["sensors"]
+                                    + self.seen.state_dict()["sensors"]})
+            self.seen = merged
+            self.samples_duplicate = max(self.samples_duplicate, duplicates)
+            self.batches_received += batches
+        self.call_in_loop(merge)
 
     def _learner_config(self):
         """The configured LearnerConfig; unless `learner.threads` is set, torch gets all cores
@@ -288,8 +322,9 @@ class Daemon:
                 router.unbind(router.getsockopt(zmq.LAST_ENDPOINT))
         raise UserError(f"found no free pair of adjacent ports on {host}")
 
-    def start(self) -> "Daemon":
-        """Bind, then run the socket loop and learner in background threads."""
+    def start(self, wait_ready: bool = True) -> "Daemon":
+        """Bind, then run the socket loop and learner in background threads. With
+        `wait_ready`, return once the learner is loaded (UserError if it cannot be)."""
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.bind()
         self._learner_thread = threading.Thread(target=self._learn_loop, name="edgecl-learner",
@@ -298,6 +333,11 @@ class Daemon:
         self._loop_thread = threading.Thread(target=self._socket_loop, name="edgecl-sockets",
                                              daemon=True)
         self._loop_thread.start()
+        if wait_ready:
+            while not self.ready.wait(0.05):
+                if self.load_error is not None:
+                    self.join(60)
+                    raise UserError(self.load_error)
         return self
 
     def serve(self) -> int:
@@ -380,6 +420,8 @@ class Daemon:
                         except zmq.Again:
                             break
                         self._handle(frames)
+                while self._loop_calls:
+                    self._loop_calls.popleft()()
                 if self._parked:
                     self._wake_parked()
                 while self._announcements:
@@ -424,6 +466,10 @@ class Daemon:
                                    max_depth=serve.max_header_depth)
             header = check_header(header)
             op = header["op"]
+            if op != "push" and op not in self._ops and not self.ready.is_set():
+                raise WireError(ErrorCode.BUSY, f"the daemon is starting (loading its learner); "
+                                f"op '{op}' is served once it is loaded: retry after "
+                                f"{self.config.serve.retry_after_ms} ms")
             if op != "push" and op not in self._ops:
                 raise WireError(ErrorCode.UNKNOWN_OP,
                                 f"unknown op {show_value(op)}; this daemon serves "
@@ -444,7 +490,9 @@ class Daemon:
                 reply = ok_reply(header.get("rid"), **(fields or {}))
         except WireError as exc:
             self.refused[exc.code] += 1
-            reply = self._error(header, exc.code, exc.message)
+            retry = {"retry_after_ms": self.config.serve.retry_after_ms} \
+                if exc.code == ErrorCode.BUSY else {}
+            reply = self._error(header, exc.code, exc.message, **retry)
         except Exception:  # a fault in edgecl: log it, answer, keep serving
             log.exception("internal error handling a request")
             self.refused[ErrorCode.INTERNAL] += 1
@@ -555,8 +603,6 @@ class Daemon:
     def _check_classes(self, labels: list) -> set:
         """The labels in this push the daemon has not accepted before; too_many_classes if
         they would take it past serve.max_classes (every new class widens the model's head)."""
-        if self._classes is None:  # first push: start from what a restored learner knows
-            self._classes = set(getattr(self.learner, "labels", None) or ())
         new = set(labels) - self._classes
         limit = self.config.serve.max_classes
         if new and len(self._classes) + len(new) > limit:
@@ -567,9 +613,8 @@ class Daemon:
         return new
 
     def note_classes(self, labels) -> None:
-        """Count labels accepted outside a push (journal replay at startup) toward the limit."""
-        if self._classes is None:
-            self._classes = set(getattr(self.learner, "labels", None) or ())
+        """Count labels accepted outside a push (the journal and the checkpoint at start)
+        toward the limit."""
         self._classes.update(labels)
 
     def _credit(self, batch_bytes: int, batch_n: int) -> int:
@@ -634,9 +679,21 @@ class Daemon:
         """
         lower_this_thread(LEARNER_NICENESS)
         try:
+            try:
+                self._load()
+            except UserError as exc:  # a checkpoint that does not load, ...: one line, exit 2
+                log.error("%s", exc)
+                self.load_error = str(exc)
+                self.exit_code = 2
+                self.stop()
+                self.stop()
+                self.queue.abandon()
+                return
             self._learn_until_drained()
         except Exception as exc:
             log.exception("learner thread crashed; stopping the daemon")
+            if not self.ready.is_set():
+                self.load_error = f"the learner could not be loaded: {type(exc).__name__}: {exc}"
             with self._stats_lock:
                 self.learner_error = f"{type(exc).__name__}: {exc}"
             self.exit_code = 1
@@ -798,6 +855,7 @@ class Daemon:
             "batches_received": self.batches_received,
             "queue_depth": self.samples_received - learned - offered - failed,
             "overload": self.config.serve.overload,
+            "learner_state": "learning" if self.ready.is_set() else "loading",
             "learn_rate": None if self.learn_rate is None else round(self.learn_rate, 2),
             "busy_line": len(self.busy_line),
             "queue_bytes": self.queue.bytes,
