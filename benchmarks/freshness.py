@@ -10,8 +10,12 @@ Scenarios, each on a fresh daemon in its own process at default settings (the le
 snapshots as shipped; only the port and state directory are set), fed the bundled MNIST-5k
 digits in class-incremental order by one sensor in this process for --seconds:
 - idle: 10 samples every 2 s, well below what the learner can learn;
-- full ingest: pushes of 64 as fast as they are acked (the default 64 MiB queue fills);
-- full ingest, small queue: the same with serve.queue_mb = 0.25 (~330 samples);
+- full ingest: pushes of 64 as fast as they are acked (backpressure: the queue holds
+  serve.max_lag_s = 2 s of learning, then `busy`);
+- full ingest, realtime: the same with serve.overload = "realtime" (every push acked, what the
+  learner has no time for offered to the buffer);
+- full ingest, bytes-only queue: backpressure bounded by the 64 MiB queue alone (max_lag_s
+  lifted), as before the lag bound existed;
 - full ingest, snapshots off: the learning rate without exports, to see what exporting costs.
 After the pushing stops, the daemon gets --drain seconds to learn and publish, then is stopped
 (the queue is abandoned). Export time comes from the published versions' meta.json.
@@ -133,7 +137,8 @@ def render(rows: list[dict], header: str) -> str:
 
 
 SCENARIOS = {"idle": ("idle", {}, False), "full": ("full ingest", {}, True),
-             "small-queue": ("full ingest, queue_mb 0.25", {"serve.queue_mb": 0.25}, True),
+             "realtime": ("full ingest, realtime", {"serve.overload": "realtime"}, True),
+             "bytes-only": ("full ingest, bytes-only queue", {"serve.max_lag_s": 1e9}, True),
              "no-snapshots": ("full ingest, snapshots off", {"snapshots.enabled": False}, True)}
 
 

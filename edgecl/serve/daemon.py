@@ -128,7 +128,8 @@ class Daemon:
         self.samples_learned = 0
         self.samples_offered = 0   # real-time policy: offered to the replay buffer only
         self.samples_failed = 0
-        self.learn_rate: float | None = None  # samples trained per second (moving average)
+        self.learn_rate: float | None = None  # samples/s the learner can train (see _note_rate)
+        self._step_s: float | None = None     # seconds per learn step, moving average
         self.learner_error: str | None = None
         self._learner_hooks: list[LearnerHook] = []
         self.current_batches: list[Batch] = []  # what the learner is on (for learner hooks)
@@ -152,14 +153,18 @@ class Daemon:
         self._learner_thread: threading.Thread | None = None
         self.exit_code: int | None = None
         self._bound = threading.Event()
-        # Durability (docs/durability.md): the newest checkpoint and the journal after it
-        # restore the learner, counters, offsets and dedup record before anything serves.
-        journal = config.journal
-        self.journal = Journal(self.state_dir / "journal", journal.fsync,
-                               journal.fsync_interval_ms, journal.segment_bytes)
-        self.keeper = StateKeeper(self, self.journal, config.checkpoints.every_steps,
-                                  config.checkpoints.every_s)
-        self.keeper.restore_offsets()
+        self.journal, self.keeper = self._open_state(config)
+
+    def _open_state(self, config: Config) -> tuple[Journal, StateKeeper]:
+        """Durability (docs/durability.md): the journal gives offsets, counters and the dedup
+        record before anything serves; the learner thread later adds the checkpoint."""
+        settings = config.journal
+        journal = Journal(self.state_dir / "journal", settings.fsync,
+                          settings.fsync_interval_ms, settings.segment_bytes)
+        keeper = StateKeeper(self, journal, config.checkpoints.every_steps,
+                             config.checkpoints.every_s)
+        keeper.restore_offsets()
+        return journal, keeper
 
     def _check_learner(self) -> None:
         if self.config.serve.overload == "realtime" and not hasattr(self.learner, "offer_many"):
@@ -774,11 +779,11 @@ class Daemon:
     def _learn(self, batches: list[Batch]) -> None:
         """One learn_many call (one optimizer step) per `learn_batch` samples: small pushes are
         merged, large ones split, so the step size does not depend on how sensors batch."""
-        started = time.perf_counter()
         self.current_batches = batches
         x, labels = _joined(batches)
         size = self.config.serve.learn_batch
         for start in range(0, len(labels), size):
+            started = time.perf_counter()
             chunk_labels = labels[start:start + size]
             n = len(chunk_labels)
             try:
@@ -794,13 +799,15 @@ class Daemon:
                 self.samples_failed += failed
             for hook in self._learner_hooks:
                 self._run_hook(hook, final=False)
-        self._note_rate(len(labels), time.perf_counter() - started)
+            self._note_step(time.perf_counter() - started)
 
-    def _note_rate(self, n: int, seconds: float) -> None:
-        """Moving average of samples trained per second; under backpressure it bounds the
-        queue to max_lag_s of learning."""
-        rate = n / max(seconds, 1e-6)
-        self.learn_rate = rate if self.learn_rate is None else 0.8 * self.learn_rate + 0.2 * rate
+    def _note_step(self, seconds: float) -> None:
+        """What the learner can train: learn_batch samples per step at the moving average of
+        its step time (hooks included). A step on a part-filled batch costs about as much as
+        on a full one, so samples/s measured on a thin stream would understate it. Under
+        backpressure it bounds the queue to max_lag_s of learning."""
+        self._step_s = seconds if self._step_s is None else 0.8 * self._step_s + 0.2 * seconds
+        self.learn_rate = self.config.serve.learn_batch / max(self._step_s, 1e-6)
         if self.config.serve.overload == "backpressure":
             self.queue.limit_samples = self.lag_samples()
 
@@ -858,6 +865,7 @@ class Daemon:
             "learner_state": "learning" if self.ready.is_set() else "loading",
             "learn_rate": None if self.learn_rate is None else round(self.learn_rate, 2),
             "busy_line": len(self.busy_line),
+            "queue_limit_samples": self.queue.limit_samples,
             "queue_bytes": self.queue.bytes,
             "queue_capacity_bytes": self.queue.capacity_bytes,
             "refused": dict(self.refused),
