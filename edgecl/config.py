@@ -229,9 +229,11 @@ class Config:
         self.journal.check()
         self.checkpoints.check()
 
-    def learner_config(self):
-        """Build the LearnerConfig; an unknown or ill-typed key is a UserError naming it."""
-        from edgecl.learn import LearnerConfig  # torch is imported only when serving
+    def learner_config(self, validate: bool = True):
+        """Build the LearnerConfig; an unknown or ill-typed key is a UserError naming it.
+        `validate=False` checks the keys only, without importing torch (a daemon does that
+        before it binds; the learner thread validates the rest)."""
+        from edgecl.learn.settings import LearnerConfig
 
         known = {f.name: f for f in dataclasses.fields(LearnerConfig)}
         for key in self.learner:
@@ -240,9 +242,8 @@ class Config:
                                 f"{', '.join(sorted(known))}")
         try:
             learner_config = LearnerConfig(**self.learner)
-            validate = getattr(learner_config, "validate", None)
-            if validate is not None:
-                validate()
+            if validate:
+                learner_config.validate()
         except (TypeError, ValueError) as exc:
             raise UserError(f"learner.{exc}" if str(exc).split(":")[0] in known
                             else f"learner: {exc}") from None

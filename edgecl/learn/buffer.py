@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-BUFFER_POLICIES = ("reservoir", "balanced")
-
 
 class ReservoirBuffer:
     """Holds at most `capacity` samples; after n stream samples, each one is kept with

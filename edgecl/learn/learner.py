@@ -10,7 +10,7 @@ Usable from a notebook with no daemon:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,105 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.data import as_sample_array
-from edgecl.learn.buffer import BUFFER_POLICIES, ReservoirBuffer
+from edgecl.learn.buffer import ReservoirBuffer
 from edgecl.learn.metrics import PrequentialAccuracy
+from edgecl.learn.settings import LearnerConfig
 from edgecl.learn.terms import TERMS, Step, Term
-from edgecl.models import (EdgeNet, TEACHERS, build_student, build_teacher, frozen_copy,
-                           model_bytes)
+from edgecl.models import EdgeNet, build_student, build_teacher, frozen_copy, model_bytes
 
-AUGMENTS = ("shift", "shift+flip", "none")
-STREAM_LOSSES = ("ce", "ace")
-OFFER_LOGITS = ("forward", "none")
-
-
-@dataclass
-class LearnerConfig:
-    """Everything that shapes learning. Defaults are the tuned Split-MNIST setting."""
-    method: str = "derpp+ewcpp"      # '+'-joined terms, or 'finetune' for none
-    buffer_size: int = 200           # reservoir capacity, samples
-    lr: float = 0.05
-    momentum: float = 0.0
-    seed: int = 0
-    teacher: str = "none"            # 'none' | 'online' | 'frozen:PATH'
-    teacher_arch: str | None = None  # resnet20/32/56 (small inputs), resnet18/34/50; None: by size
-    teacher_lr: float = 0.05
-    consolidate_every: int = 1000    # steps between consolidation points without a new class
-    consolidate_min_gap: int = 25    # new classes within this many steps of the last point
-                                     # join it (classes of one task arrive together)
-    augment: str = "shift"           # on replay draws: 'shift' | 'shift+flip' | 'none'
-    terms: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-term parameters
-    prequential_window: int = 1000
-    min_final_map: int = 4           # student stride rule: last feature map side, pixels
-    stride_relax: str = "early"      # which stride-2 layers the rule relaxes: 'early' | 'late'
-    bn_momentum: float = 0.1         # student BatchNorm running-statistics momentum
-    stream_loss: str = "ce"          # 'ce' | 'ace': ER-ACE's asymmetric CE on the stream batch
-    buffer_policy: str = "reservoir"  # 'reservoir' | 'balanced' (class-balanced, CBRS)
-    iterations: int = 2              # optimizer steps per incoming batch (fresh replay draws)
-    predict_in_eval: bool = False    # prequential guess from a separate eval-mode forward
-    logit_adjust: float = 0.0        # tau of the logit-adjusted softmax (0: off)
-    prior_decay: float = 0.99        # per step, of the running class prior it adjusts by
-    offer_logits: str = "forward"    # logits stored with samples offered to the buffer
-                                     # without training (offer_many): 'forward' | 'none'
-    channels_last: bool = True
-    threads: int | None = None       # torch intra-op threads; None keeps torch's choice
-
-    def term_names(self) -> list[str]:
-        if self.method in ("", "finetune"):
-            return []
-        return [t.strip() for t in self.method.split("+")]
-
-    def validate(self) -> None:
-        """Raise ValueError naming the bad field, before any model is built."""
-        names = self.term_names()
-        for name in names:
-            if name not in TERMS:
-                raise ValueError(f"method: unknown term {name!r}; known terms: "
-                                 f"{', '.join(sorted(TERMS))} (or 'finetune')")
-        if len(set(names)) != len(names):
-            raise ValueError(f"method: term repeated in {self.method!r}")
-        for name in self.terms:
-            if name not in names:
-                raise ValueError(f"terms: parameters given for {name!r}, which is not in "
-                                 f"method {self.method!r}")
-            TERMS[name].check_params(self.terms[name])
-        if self.buffer_size < 0:
-            raise ValueError("buffer_size must be >= 0")
-        if self.lr <= 0 or self.teacher_lr <= 0:
-            raise ValueError("lr and teacher_lr must be > 0")
-        if self.augment not in AUGMENTS:
-            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}")
-        if not (self.teacher in ("none", "online") or self.teacher.startswith("frozen:")):
-            raise ValueError("teacher must be 'none', 'online' or 'frozen:PATH'")
-        if self.teacher_arch is not None and self.teacher_arch not in TEACHERS:
-            raise ValueError(f"teacher_arch must be one of {', '.join(TEACHERS)}")
-        if "kd" in names and self.teacher == "none":
-            raise ValueError("method uses 'kd' but teacher is 'none': set teacher to "
-                             "'online' or 'frozen:PATH'")
-        for name in names:  # distillation terms that take `source`: the anchor or the teacher
-            source = self.terms.get(name, {}).get("source", TERMS[name].defaults.get("source"))
-            if source not in (None, "anchor", "teacher"):
-                raise ValueError(f"{name}.source must be 'anchor' or 'teacher', not {source!r}")
-            if source == "teacher" and self.teacher == "none":
-                raise ValueError(f"{name} distills from the teacher but teacher is 'none': set "
-                                 "teacher to 'online' or 'frozen:PATH', or source to 'anchor'")
-        if self.stride_relax not in ("late", "early"):
-            raise ValueError("stride_relax must be 'late' or 'early'")
-        if not 0.0 < self.bn_momentum <= 1.0:
-            raise ValueError("bn_momentum must be in (0, 1]")
-        if self.stream_loss not in STREAM_LOSSES:
-            raise ValueError(f"stream_loss must be one of {', '.join(STREAM_LOSSES)}")
-        if self.buffer_policy not in BUFFER_POLICIES:
-            raise ValueError(f"buffer_policy must be one of {', '.join(BUFFER_POLICIES)}")
-        if self.logit_adjust < 0 or not 0.0 <= self.prior_decay < 1.0:
-            raise ValueError("logit_adjust must be >= 0 and prior_decay in [0, 1)")
-        if self.iterations < 1:
-            raise ValueError("iterations must be >= 1")
-        if self.offer_logits not in OFFER_LOGITS:
-            raise ValueError(f"offer_logits must be one of {', '.join(OFFER_LOGITS)}")
-        if self.consolidate_min_gap < 0:
-            raise ValueError("consolidate_min_gap must be >= 0")
-        if self.consolidate_every < 1:
-            raise ValueError("consolidate_every must be >= 1")
 
 
 class OnlineLearner:

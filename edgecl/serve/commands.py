@@ -93,7 +93,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edgecl.serve.daemon import Daemon
 
     daemon = Daemon(build_config(args))
-    return daemon.serve()
+    code = daemon.serve()
+    if daemon.load_error is not None:  # found by the learner thread, after the bind
+        raise UserError(daemon.load_error)
+    return code
 
 
 # ---------------------------------------------------------------------------- push

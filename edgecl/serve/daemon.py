@@ -96,10 +96,13 @@ class Daemon:
             raise UserError(f"cannot use state directory {self.state_dir}: {exc.strerror}") \
                 from None
         self.spec = self._resolve_spec(config.input.spec())
-        # Built by the learner thread when not given (fast start: no torch before acks).
+        # Built by the learner thread when not given (fast start: no torch before acks);
+        # its settings' keys are checked now, the rest when it is built.
         self.learner = learner
         if learner is not None:
             self._check_learner()
+        else:
+            config.learner_config(validate=False)
 
         serve = config.serve
         self.queue = IngestQueue(serve.queue_bytes)
