@@ -197,7 +197,7 @@ def test_full_queue_answers_busy_and_loses_nothing(start_daemon):
 
 
 def test_credit_shrinks_as_the_queue_fills(start_daemon):
-    daemon = start_daemon(queue_mb=10 * 64 * 64 / 2**20, credit_window=8)
+    daemon = start_daemon(queue_mb=10 * 64 * 64 / 2**20, credit_window=8, max_lag_s=1e9)
     release = threading.Event()
     daemon.add_learner_hook(lambda learner, n, final: final or release.wait(30))
     credits = [raw_request(daemon.address, *push_frames(DIGITS[:64], LABELS[:64], seq=s))

@@ -106,7 +106,8 @@ def test_realtime_acks_everything_and_offers_what_it_has_no_time_for(tmp_path, r
 
 
 def test_backpressure_serves_the_sensor_refused_first_first(tmp_path, run_daemons):
-    daemon = run_daemons(make_config(tmp_path, queue_mb=48 * 64 / 2**20, learn_batch=16))
+    daemon = run_daemons(make_config(tmp_path, queue_mb=48 * 64 / 2**20, learn_batch=16,
+                                     max_lag_s=1e9))   # the memory bound alone
     steps = threading.Semaphore(0)   # the learner takes one step per permit
     daemon.add_learner_hook(lambda learner, n, final: final or steps.acquire(timeout=30))
 
@@ -147,3 +148,15 @@ def test_a_realtime_restart_consumes_the_journal_once_and_checkpoints_after(tmp_
     again = run_daemons(realtime_config(tmp_path))
     assert again.status()["samples_offered"] == status["samples_offered"]  # nothing replayed
     assert np.array_equal(again.learner.buffer.y, daemon.learner.buffer.y)
+
+
+def test_backpressure_queues_at_most_max_lag_s_of_learning(tmp_path, run_daemons):
+    daemon = run_daemons(make_config(tmp_path, learn_batch=10, max_lag_s=2.0))
+    release = threading.Event()
+    daemon.add_learner_hook(lambda learner, n, final: final or release.wait(30))
+    assert daemon.status()["queue_limit_samples"] == 50   # 2 s at the assumed 0.4 s a step
+    replies = [raw_request(daemon.address, *push_frames(DIGITS[:16], LABELS[:16], seq=s))
+               for s in range(4)]
+    release.set()
+    assert [r["ok"] for r in replies] == [True, True, True, False]   # 64 > 50 samples
+    assert replies[3]["error"] == ErrorCode.BUSY and "in line" in replies[3]["message"]

@@ -72,7 +72,8 @@ LEARNER_NICENESS = 5        # the learner and exports yield cores to the socket 
 # How often a thread holding the GIL is asked to let another run (Python's default: 5 ms).
 # The learner and export threads hold it in stretches; 1 ms keeps the ack p99 at 10 ms
 # rather than 110 ms while they work (BENCHMARKS.md, "realtime").
-SWITCH_INTERVAL_S = 0.001  # longest a long-poll request is held before it must be answered
+SWITCH_INTERVAL_S = 0.001
+FIRST_STEP_S = 0.4          # assumed step time until the learner has timed one  # longest a long-poll request is held before it must be answered
 
 OpHandler = Callable[[dict, Any], dict]
 LearnerHook = Callable[[Any, int, bool], None]
@@ -131,8 +132,10 @@ class Daemon:
         self.samples_learned = 0
         self.samples_offered = 0   # real-time policy: offered to the replay buffer only
         self.samples_failed = 0
-        self.learn_rate: float | None = None  # samples/s the learner can train (see _note_rate)
+        self.learn_rate: float | None = None  # samples/s the learner can train (see _note_step)
         self._step_s: float | None = None     # seconds per learn step, moving average
+        if serve.overload == "backpressure":  # a first guess until a step is timed
+            self.queue.limit_samples = self.lag_samples()
         self.learner_error: str | None = None
         self._learner_hooks: list[LearnerHook] = []
         self.current_batches: list[Batch] = []  # what the learner is on (for learner hooks)
@@ -750,11 +753,10 @@ class Daemon:
 
     def lag_samples(self) -> int:
         """serve.max_lag_s of learning, in samples, at the measured rate (before the first
-        measurement, five steps' worth)."""
+        step is timed, at an assumed FIRST_STEP_S per step)."""
         serve = self.config.serve
-        if self.learn_rate is None:
-            return 5 * serve.learn_batch
-        return max(serve.learn_batch, int(serve.max_lag_s * self.learn_rate))
+        rate = self.learn_rate or serve.learn_batch / FIRST_STEP_S
+        return max(serve.learn_batch, int(min(serve.max_lag_s * rate, 2**62)))
 
     def _offer_backlog(self) -> None:
         """The real-time policy: pushes further behind than max_lag_s of learning go to the
