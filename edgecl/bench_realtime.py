@@ -233,9 +233,10 @@ def measure_learn_rate(x: np.ndarray, y: list, test, settings: dict) -> float:
 
 
 def run(factors, policies, sensors: int, seed: int, learn_rate: float | None,
-        settings: dict, tenth: bool = True, progress=print) -> dict:
+        settings: dict, tenth: bool = True, progress=print, save=None) -> dict:
     """Every (policy, factor) run, plus (with `tenth`) backpressure on every 10th sample
-    at 0.8 L: the accuracy a learner that keeps up reaches on a tenth of the stream."""
+    at 0.8 L: the accuracy a learner that keeps up reaches on a tenth of the stream.
+    `save(result)` is called after every run, so a long sweep cut short keeps its rows."""
     from edgecl.data import split_mnist
 
     stream = split_mnist(seed=seed)
@@ -244,20 +245,24 @@ def run(factors, policies, sensors: int, seed: int, learn_rate: float | None,
         progress("measuring the learner's rate L ...")
         learn_rate = measure_learn_rate(x, y, stream, settings)
     progress(f"L = {learn_rate:.1f} samples/s")
-    rows = []
+    rows: list[dict] = []
+    result = {"learn_rate": learn_rate, "sensors": sensors, "seed": seed, "rows": rows}
+    save = save or (lambda result: None)
     for policy in policies:
         for factor in factors:
             progress(f"{policy} at {factor:g} L ...")
             row = stream_once(policy, factor * learn_rate, x, y, stream, sensors, settings)
             rows.append({**row, "factor": factor, "stream": "all"})
             progress("  " + _summary(rows[-1]))
+            save(result)
     if tenth:
         progress("backpressure on every 10th sample at 0.8 L ...")
         row = stream_once("backpressure", 0.8 * learn_rate, x[::10], y[::10], stream,
                           sensors, settings)
         rows.append({**row, "factor": 0.8, "stream": "tenth"})
         progress("  " + _summary(rows[-1]))
-    return {"learn_rate": learn_rate, "sensors": sensors, "seed": seed, "rows": rows}
+        save(result)
+    return result
 
 
 def _summary(row: dict) -> str:
@@ -317,11 +322,12 @@ def cmd_realtime(args) -> int:
     if not factors or min(factors) <= 0 or args.sensors < 1:
         raise UserError("--factors must be positive numbers and --sensors at least 1")
     settings = json.loads(args.set) if args.set else {}
+    def save(result: dict) -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
     result = run(factors, policies, args.sensors, args.seed, args.learn_rate, settings,
-                 tenth=not args.no_tenth)
+                 tenth=not args.no_tenth, save=save)
     print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
     if args.plot:
         plot(result, Path(args.plot))
     return 0

@@ -40,6 +40,8 @@ def _pull_and_score(address: str, out_dir: str, stream) -> None:
         print("\nno snapshot was published (the parity gate refused it; see status)")
         return
     print(f"\npulled snapshot {scores['version']} into {out_dir}")
+    if scores["outcome"] == "rejected":
+        print("  (the parity gate refused the newest export; this is the one before it)")
     for name in ("model.onnx", "model.int8.onnx"):
         print(f"  {name:16s} {scores[name]['bytes'] / 1024:7.0f} KB  onnxruntime accuracy on "
               f"the {len(stream.test_y):,} test digits: {scores[name]['accuracy']:.1%}")
@@ -47,9 +49,11 @@ def _pull_and_score(address: str, out_dir: str, stream) -> None:
 
 def pull_and_score(address: str, out_dir: str, test_x: np.ndarray, test_y: np.ndarray,
                    wait_s: float = 120.0) -> dict | None:
-    """Ask for a fresh snapshot, pull it over the wire (sha256-checked) as a device does,
-    and score the fp32 and int8 ONNX models with onnxruntime on the test samples. None when
-    no snapshot was published (the parity gate refused every one)."""
+    """Ask for a fresh snapshot and wait until that export is settled, then pull the newest
+    published one over the wire (sha256-checked) as a device does, and score the fp32 and
+    int8 ONNX models with onnxruntime on the test samples. If the gate refused the fresh
+    one, the device gets the one before (`outcome` says which). None when no snapshot was
+    ever published."""
     import json
 
     import onnxruntime as ort
@@ -57,16 +61,14 @@ def pull_and_score(address: str, out_dir: str, test_x: np.ndarray, test_y: np.nd
     from edgecl.client import Connection
     from edgecl.export.device import DeviceClient
 
-    with Connection(address, 5.0, 1) as conn:
-        before = conn.request("snapshot.export").get("latest") or 0
     with Connection(address, wait_s + 5, 0) as conn:
-        conn.request("snapshot.info", since=before, wait_ms=int(wait_s * 1000))
+        outcome = conn.request("snapshot.export", wait_ms=int(wait_s * 1000)).get("outcome")
     device = DeviceClient(address, out_dir)
     device.pull()
     if device.local_version() is None:
         return None
     meta = json.loads((Path(out_dir) / "meta.json").read_text())
-    scores: dict = {"version": meta["version"]}
+    scores: dict = {"version": meta["version"], "outcome": outcome}
     for name in ("model.onnx", "model.int8.onnx"):
         session = ort.InferenceSession(str(Path(out_dir) / name),
                                        providers=["CPUExecutionProvider"])
