@@ -350,6 +350,7 @@ class StateKeeper:
         daemon.samples_received = next_offset
         daemon.batches_received = sum(first >= newest for first in self._record_firsts)
         self.replay_end = next_offset
+        self._publish()  # status has its checkpoint fields from the first request on
 
     def restore_learner(self) -> None:
         """The torch half (learner thread): the newest checkpoint that reads back whole into

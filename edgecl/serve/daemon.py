@@ -126,21 +126,7 @@ class Daemon:
         self._active_sensors = 1
         self._active_counted_at = 0.0
 
-        # Owned by the learner thread; read under _stats_lock.
-        self._stats_lock = threading.Lock()
-        self._learner_stats: dict = {}
-        self.samples_learned = 0
-        self.samples_offered = 0   # real-time policy: offered to the replay buffer only
-        self.samples_failed = 0
-        self.learn_rate: float | None = None  # samples/s the learner can train (see _note_step)
-        self._step_s: float | None = None     # seconds per learn step, moving average
-        if serve.overload == "backpressure":  # a first guess until a step is timed
-            self.queue.limit_samples = self.lag_samples()
-        self.learner_error: str | None = None
-        self._learner_hooks: list[LearnerHook] = []
-        self.current_batches: list[Batch] = []  # what the learner is on (for learner hooks)
-        self._idle_hooks: list[Callable[[Any, int], None]] = []
-
+        self._init_learner_side()
         self._extra_status: dict = {}
         self._classes: set = set()  # labels accepted so far (serve.max_classes)
         self.ready = threading.Event()  # the learner is loaded and every feature attached
@@ -160,6 +146,22 @@ class Daemon:
         self.exit_code: int | None = None
         self._bound = threading.Event()
         self.journal, self.keeper = self._open_state(config)
+
+    def _init_learner_side(self) -> None:
+        """Fields owned by the learner thread; other threads read them under _stats_lock."""
+        self._stats_lock = threading.Lock()
+        self._learner_stats: dict = {}
+        self.samples_learned = 0
+        self.samples_offered = 0   # real-time policy: offered to the replay buffer only
+        self.samples_failed = 0
+        self.learn_rate: float | None = None  # samples/s the learner can train (see _note_step)
+        self._step_s: float | None = None     # seconds per learn step, moving average
+        if self.config.serve.overload == "backpressure":  # a first guess until a step is timed
+            self.queue.limit_samples = self.lag_samples()
+        self.learner_error: str | None = None
+        self._learner_hooks: list[LearnerHook] = []
+        self.current_batches: list[Batch] = []  # what the learner is on (for learner hooks)
+        self._idle_hooks: list[Callable[[Any, int], None]] = []
 
     def _open_state(self, config: Config) -> tuple[Journal, StateKeeper]:
         """Durability (docs/durability.md): the journal gives offsets, counters and the dedup
