@@ -207,7 +207,7 @@ def table(rows: list[dict]) -> str:
         f"{r['learned_per_s']:,.0f} | {r['busy']:,} | {r['ack_p50_ms']:.2f} / "
         f"{r['ack_p99_ms']:.2f} | {r['status_p50_ms']:.2f} / {r['status_p99_ms']:.2f} "
         f"({r['status_n']}) | {r['max_queue_depth']:,} / {r['queue_capacity']:,} | "
-        f"{'-' if r['queue_bound_s'] is None else format(r['queue_bound_s'], '.1f')} | "
+        f"{'bytes only' if not r['queue_bound_s'] or r['queue_bound_s'] > 1e6 else format(r['queue_bound_s'], '.1f')} | "
         f"{r['share_spread']:.0%} |\n"
         for r in rows)
 
@@ -245,20 +245,22 @@ def main() -> int:
             f"Machine: {header}. The machine is shared with other work; the load average at "
             "start says how busy it was, and a busy machine lowers every rate here, the "
             "learning rate most of all.\n\n"
-            "1x28x28 uint8 samples, batches of 64, default daemon settings (64 MiB queue, "
-            "credit window 8, every push journaled and fsynced before its ack: "
-            "`journal.fsync = batch`) and default learner (derpp+ewcpp, buffer 200) training throughout. "
-            "Daemon and each client are separate processes. *burst*: the pushed total fits "
-            "in the queue, so acked/s is the daemon's ingest rate. *sustained*: more than a "
-            "2 MiB queue holds, so once it fills acks are paced by learning (`busy` replies, "
-            "whose back-off is inside the ack latency) and the queue depth stays within its "
-            "bound. Another client requests status every 20 ms from the start of pushing until "
-            "8 s after the last ack (the learner trains throughout); *learned/s* is the "
-            "learning rate over that window. Ack latency is first send to ack, per batch.\n\n"
-            + text + "\nIn the sustained run the sensors push far faster than the learner learns, "
-            "so acks are paced by learning. Room frees one batch at a time and goes to whichever "
-            "sensor's retry arrives first: `busy` retries are not served in arrival order, "
-            "hence the long ack-latency tail there.\n")
+            "1x28x28 uint8 samples, batches of 64, default daemon settings (backpressure, "
+            "64 MiB queue, credit window 8, every push journaled and fsynced before its ack: "
+            "`journal.fsync = batch`) and default learner (derpp+ewcpp, buffer 200) training "
+            "throughout. Daemon and each client are separate processes. *burst*: the queue is "
+            "bounded by bytes only (`max_lag_s` lifted) and the pushed total fits in it, so "
+            "acked/s is the daemon's ingest rate. *sustained*: 4 sensors push for 60 s as fast "
+            "as they are acked, at default settings: the queue holds 2 s of learning, so acks "
+            "are paced by learning (`busy` replies, whose back-off is inside the ack latency). "
+            "*spread*: (most - fewest) / mean of the samples acked per sensor. Another client "
+            "requests status every 20 ms from the start of pushing until 8 s after the last "
+            "ack; *learned/s* is the learning rate over that window. Ack latency is first "
+            "send to ack, per batch.\n\n"
+            + text + "\nIn the sustained run refused sensors are admitted in the order they "
+            "were refused, so each sensor gets its turn: with 64-sample pushes and a bound of "
+            "2 s of learning (less than one push at this rate), the queue takes one push at a "
+            "time, and a push waits for the pushes of the other three sensors to be learned.\n")
         write_section(Path(args.out), "ingest", section)
         print(f"wrote {args.out}")
     return 0
