@@ -112,6 +112,7 @@ def one_policy(policy: str, samples: int) -> dict:
     from edgecl.client import get_status
 
     state_dir = Path(tempfile.mkdtemp(prefix="edgecl-bench-start-"))
+    proc = None
     try:
         journal_mnist(state_dir, samples)
         port = free_port()
@@ -136,6 +137,9 @@ def one_policy(policy: str, samples: int) -> dict:
         proc.wait(30)
         return row
     finally:
+        if proc is not None and proc.poll() is None:  # a failed run leaves no daemon behind
+            proc.kill()
+            proc.wait(30)
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
