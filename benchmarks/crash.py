@@ -115,8 +115,9 @@ def wait_drained(address: str, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         status = get_status(address, timeout=1.0, retries=30)
-        if status["queue_depth"] == 0 and status["samples_learned"] + status["samples_failed"] \
-                == status["samples_received"]:
+        consumed = status["samples_learned"] + status.get("samples_offered", 0) \
+            + status["samples_failed"]
+        if status["queue_depth"] == 0 and consumed == status["samples_received"]:
             return status
         if time.monotonic() > deadline:
             raise TimeoutError(f"daemon did not drain: {status['queue_depth']} queued")

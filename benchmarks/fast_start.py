@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +23,8 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import machine  # noqa: E402  benchmarks/, this folder
+from crash import DaemonProcess, free_port_pair  # noqa: E402  benchmarks/, this folder
+from ingest import machine  # noqa: E402
 from sections import write_section  # noqa: E402
 
 
@@ -43,25 +41,6 @@ def journal_mnist(state_dir: Path, samples: int, batch: int = 50) -> None:
         idx = [(first + i) % len(y) for i in range(batch)]
         journal.append(Batch("old", first, x[idx], [y[i] for i in idx], first=first))
     journal.close()
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            try:
-                b.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-
-
-def launch(state_dir: Path, port: int, policy: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgecl", "serve", "--port", str(port),
-                             "--bind", "127.0.0.1", "--state-dir", str(state_dir),
-                             "--overload", policy], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
 
 
 def first_ack(address: str, started: float, timeout: float = 60.0) -> float:
@@ -112,34 +91,29 @@ def one_policy(policy: str, samples: int) -> dict:
     from edgecl.client import get_status
 
     state_dir = Path(tempfile.mkdtemp(prefix="edgecl-bench-start-"))
-    proc = None
+    daemon = DaemonProcess(free_port_pair(), state_dir / "state",
+                           [f"serve.overload={policy}"], state_dir / "daemon.log")
     try:
-        journal_mnist(state_dir, samples)
-        port = free_port()
-        address = f"tcp://127.0.0.1:{port}"
+        journal_mnist(daemon.state_dir, samples)
         started = time.perf_counter()
-        proc = launch(state_dir, port, policy)
-        row = {"policy": policy, "first_ack_s": first_ack(address, started)}
-        row.update(milestones(address, started, samples))
+        daemon.start()
+        row = {"policy": policy, "first_ack_s": first_ack(daemon.address, started)}
+        row.update(milestones(daemon.address, started, samples))
         time.sleep(1.0)
-        proc.send_signal(signal.SIGKILL)   # a crash right after the replay
-        proc.wait(30)
+        daemon.kill()   # a crash right after the replay
         started = time.perf_counter()
-        proc = launch(state_dir, port, policy)
-        row["restart_first_ack_s"] = first_ack(address, started)
+        daemon.start()
+        row["restart_first_ack_s"] = first_ack(daemon.address, started)
         deadline = time.monotonic() + 300
-        while get_status(address)["learner_state"] != "learning":
+        while get_status(daemon.address)["learner_state"] != "learning":
             if time.monotonic() > deadline:
                 raise RuntimeError("the restarted learner did not load")
             time.sleep(0.1)
-        row["restart_replayed"] = get_status(address)["checkpoint"]["replayed_samples"]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        row["restart_replayed"] = get_status(daemon.address)["checkpoint"]["replayed_samples"]
         return row
     finally:
-        if proc is not None and proc.poll() is None:  # a failed run leaves no daemon behind
-            proc.kill()
-            proc.wait(30)
+        if daemon.proc is not None:   # a failed run leaves no daemon behind either
+            daemon.kill()
         shutil.rmtree(state_dir, ignore_errors=True)
 
 

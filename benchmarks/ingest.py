@@ -72,10 +72,10 @@ def run_sensor(address: str, name: str, samples: int, start_event, results,
     client = SensorClient(address, sensor=name, timeout=10.0)
     start_event.wait()
     started = time.perf_counter()
-    for i in range(10**9 if seconds else samples // BATCH):
-        if seconds and time.perf_counter() - started >= seconds:
-            break
+    pushes = 0
+    while (time.perf_counter() - started < seconds) if seconds else pushes < samples // BATCH:
         client.push(x, labels)
+        pushes += 1
     client.flush()
     elapsed = time.perf_counter() - started
     client.close()

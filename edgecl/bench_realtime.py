@@ -33,18 +33,14 @@ def _daemon_child(conn, settings: dict, state_dir: str, test_x) -> None:
     """Child process: a daemon as `edgecl serve` builds it; on request, stop and send back
     the learner's predictions on the test samples (the learner thread has finished)."""
     logging.basicConfig(level=logging.WARNING)
-    from edgecl.config import Config
+    from edgecl.config import Config, apply
     from edgecl.serve.daemon import Daemon
 
     config = Config()
     config.serve.port, config.serve.bind, config.serve.state_dir = 0, "127.0.0.1", state_dir
-    for key, value in settings.items():
+    for key, value in settings.items():   # checked like `edgecl serve --set SECTION.KEY=V`
         section, _, name = key.rpartition(".")
-        target = getattr(config, section or "serve")
-        if isinstance(target, dict):
-            target[name] = value
-        else:
-            setattr(target, name, value)
+        apply(config, section or "serve", name, value, f"--set {key}")
     daemon = Daemon(config).start()
     conn.send(daemon.port)
     conn.recv()

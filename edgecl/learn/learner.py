@@ -116,9 +116,7 @@ class OnlineLearner:
         if keep.any():
             kept = raw[keep]
             if self.config.offer_logits == "forward":
-                with torch.inference_mode():
-                    self.student.eval()
-                    logits = self.student(self._to_tensor(kept)).numpy()
+                logits = self._eval_logits(self._to_tensor(kept)).numpy()
             else:
                 logits = np.zeros((len(kept), 0), dtype=np.float32)
             self.buffer.store(slots[keep], kept, targets[keep], logits)
@@ -247,10 +245,13 @@ class OnlineLearner:
             model = model.to(memory_format=torch.channels_last)
         return model
 
-    @torch.inference_mode()
     def _predict_indices(self, xt: torch.Tensor) -> np.ndarray:
+        return self._eval_logits(xt).argmax(dim=1).numpy()
+
+    @torch.inference_mode()
+    def _eval_logits(self, xt: torch.Tensor) -> torch.Tensor:
         self.student.eval()
-        return self.student(xt).argmax(dim=1).numpy()
+        return self.student(xt)
 
     # ------------------------------------------------------------------ learning
     def draw_replay(self, step: Step, name: str, n: int) -> None:

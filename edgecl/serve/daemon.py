@@ -67,13 +67,13 @@ MAX_DRAIN_PER_POLL = 256    # requests handled per wake-up: fewer GIL hand-offs 
 # module named has `attach(daemon)`, called at the end of Daemon.__init__, which registers ops,
 # learner hooks and status fields through the extension points above. One line per feature.
 ATTACHMENTS: list[str] = ["edgecl.export.service", "edgecl.serve.timeseries"]
-MAX_LONG_POLL_MS = 300_000
+MAX_LONG_POLL_MS = 300_000  # longest a long-poll request is held before it must be answered
 LEARNER_NICENESS = 5        # the learner and exports yield cores to the socket loop
 # How often a thread holding the GIL is asked to let another run (Python's default: 5 ms).
-# The learner and export threads hold it in stretches; 1 ms keeps the ack p99 at 10 ms
-# rather than 110 ms while they work (BENCHMARKS.md, "realtime").
+# The learner and export threads hold it in long stretches; a shorter interval lets the
+# socket loop answer between them (BENCHMARKS.md, "realtime", on the ack tail).
 SWITCH_INTERVAL_S = 0.001
-FIRST_STEP_S = 0.4          # assumed step time until the learner has timed one  # longest a long-poll request is held before it must be answered
+FIRST_STEP_S = 0.4          # assumed step time until the learner has timed one
 
 OpHandler = Callable[[dict, Any], dict]
 LearnerHook = Callable[[Any, int, bool], None]
