@@ -34,9 +34,9 @@ def _logits(learner, x: np.ndarray, batch: int = 500) -> np.ndarray:
     """Eval-mode student logits, columns in the learner's label order."""
     import torch
 
-    learner.student.eval()
+    model = learner.eval_model()
     with torch.inference_mode():
-        return np.concatenate([learner.student(learner._to_tensor(x[i:i + batch])).numpy()
+        return np.concatenate([model(learner._to_tensor(x[i:i + batch])).numpy()
                                for i in range(0, len(x), batch)])
 
 

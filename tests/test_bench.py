@@ -103,6 +103,9 @@ class _FixedLogits:
         self.labels = labels
         self.index = {label: i for i, label in enumerate(labels)}
 
+    def eval_model(self):
+        return self.student.eval()
+
     def _to_tensor(self, raw):
         import torch
         return torch.from_numpy(raw).float()

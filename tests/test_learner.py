@@ -216,10 +216,12 @@ def test_prequential_guess_is_made_before_the_batch_is_learned(digits):
     _feed(a, x[:40], y[:40])
     b = copy.deepcopy(a)
     before = b.student.state_dict()
+    rng = torch.get_rng_state()  # the same dropout mask for both train-mode forwards
     out = a.learn_many(x[40:50], list(y[40:50]))
     # the guess equals a train-mode forward of the model as it was before the step
     b.student.load_state_dict(before)
     b.student.train()
+    torch.set_rng_state(rng)
     with torch.no_grad():
         guess = b.student(b._to_tensor(x[40:50])).argmax(1).numpy()
     labels = np.asarray(b.labels)

@@ -77,12 +77,14 @@ class ReservoirBuffer:
             self.seen += 1
         return slots
 
-    def add(self, x: np.ndarray, y: np.ndarray, logits: np.ndarray) -> None:
-        """Offer a batch to the reservoir. x: (N, C, H, W) raw, y: (N,), logits: (N, K)."""
+    def add(self, x: np.ndarray, y: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """Offer a batch to the reservoir. x: (N, C, H, W) raw, y: (N,), logits: (N, K).
+        Returns the slot each sample took, -1 where it was dropped."""
         slots = self.admit(y)
         keep = slots >= 0
         if keep.any():
             self.store(slots[keep], x[keep], y[keep], logits[keep])
+        return slots
 
     def admit(self, y: np.ndarray) -> np.ndarray:
         """Advance the reservoir over the stream samples labelled `y`: the slot each one

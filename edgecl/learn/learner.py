@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from edgecl.data import as_sample_array
 from edgecl.learn.buffer import ReservoirBuffer
+from edgecl.learn.latent import LatentReplay
 from edgecl.learn.metrics import PrequentialAccuracy
 from edgecl.learn.settings import LearnerConfig
 from edgecl.learn.terms import TERMS, Step, Term
@@ -50,6 +51,7 @@ class OnlineLearner:
         self.teacher_optimizer: torch.optim.Optimizer | None = None
         self.buffer = ReservoirBuffer(config.buffer_size, self.rng,
                                       balanced=config.buffer_policy == "balanced")
+        self.latent = LatentReplay(config.latent_layers, config.latent_after)
         self.terms: list[Term] = [TERMS[name](self, **config.terms.get(name, {}))
                                   for name in config.term_names()]
         # what the terms read beyond logits, gathered once: the default path asks for nothing
@@ -67,6 +69,7 @@ class OnlineLearner:
         self._step_seconds = 0.0
         self._steps_timed = 0
         self.last_consolidation = 0  # step of the last consolidation point
+        self._statistics_at = -1  # step at which BatchNorm statistics were last re-estimated
         self.label_prior = torch.zeros(0)  # running share of each class in trained batches
         if config.teacher.startswith("frozen:"):
             self._load_frozen_teacher(config.teacher[len("frozen:"):])
@@ -85,12 +88,15 @@ class OnlineLearner:
         targets = self._encode_labels(y)
         xt = self._to_tensor(raw)
         early = self._predict_indices(xt) if self.config.predict_in_eval else None
+        if self.latent.due(self.samples_learned):
+            self.latent.freeze(self.student, self.buffer, self._to_tensor)
+        zt = self.latent.prefix(self.student, xt) if self.latent.frozen else None
         skipped = self.skipped_steps
-        loss, predicted = self._learn_step(raw, xt, targets, keep=True)
+        loss, predicted = self._learn_step(raw, xt, targets, keep=True, zt=zt)
         for _ in range(self.config.iterations - 1):
             if self.skipped_steps > skipped:
                 break  # a batch whose step was refused is not tried again
-            self._learn_step(raw, xt, targets, keep=False)
+            self._learn_step(raw, xt, targets, keep=False, zt=zt)
         correct = self.prequential.update(targets, predicted if early is None else early)
         self.samples_learned += len(raw)
         self._step_seconds += time.perf_counter() - started
@@ -120,6 +126,9 @@ class OnlineLearner:
             else:
                 logits = np.zeros((len(kept), 0), dtype=np.float32)
             self.buffer.store(slots[keep], kept, targets[keep], logits)
+            if self.latent.frozen:
+                self.latent.store(self.buffer.capacity, slots[keep],
+                                  self.latent.prefix(self.student, self._to_tensor(kept)))
         self.samples_offered += len(raw)
         return int(keep.sum())
 
@@ -151,7 +160,7 @@ class OnlineLearner:
             "per_class_acc": per_class,
             "buffer_fill": len(self.buffer),
             "buffer_capacity": self.buffer.capacity,
-            "buffer_bytes": self.buffer.nbytes(),
+            "buffer_bytes": self.buffer.nbytes() + self.latent.nbytes(),
             "terms_bytes": sum(t.extra_bytes() for t in self.terms) + self.anchor_bytes(),
             "anchor_bytes": self.anchor_bytes(),
             "steps_per_s": 1.0 / step_time if step_time else 0.0,
@@ -223,8 +232,8 @@ class OnlineLearner:
             self.student = self._prepare(build_student(
                 new_n, c, max(h, w), min_final_map=self.config.min_final_map,
                 relax=self.config.stride_relax, bn_momentum=self.config.bn_momentum))
-            self.optimizer = torch.optim.SGD(self.student.parameters(), lr=self.config.lr,
-                                             momentum=self.config.momentum)
+            self.latent.check(self.student)
+            self.optimizer = make_optimizer(self.student.parameters(), self.config)
             if self.config.teacher == "online":
                 self.teacher = self._prepare(build_teacher(new_n, c, max(h, w),
                                                            self.config.teacher_arch))
@@ -248,10 +257,18 @@ class OnlineLearner:
     def _predict_indices(self, xt: torch.Tensor) -> np.ndarray:
         return self._eval_logits(xt).argmax(dim=1).numpy()
 
+    def eval_model(self) -> EdgeNet:
+        """The student as it predicts and is exported: in eval mode, with its BatchNorm
+        statistics re-estimated from the buffer first when `bn_refresh` is on and it has
+        learned since the last estimate."""
+        if self.config.bn_refresh and self._statistics_at != self.steps and len(self.buffer):
+            refresh_batchnorm(self.student, self._to_tensor(self.buffer.x[:len(self.buffer)]))
+            self._statistics_at = self.steps
+        return self.student.eval()
+
     @torch.inference_mode()
     def _eval_logits(self, xt: torch.Tensor) -> torch.Tensor:
-        self.student.eval()
-        return self.student(xt)
+        return self.eval_model()(xt)
 
     # ------------------------------------------------------------------ learning
     def draw_replay(self, step: Step, name: str, n: int) -> None:
@@ -260,10 +277,14 @@ class OnlineLearner:
             return
         idx = self.buffer.sample_indices(n)
         x, y, logits, width = self.buffer.get(idx)
-        xt = self._augment(self._to_tensor(x))
         k = int(width.max())
-        step.add(name, xt, torch.from_numpy(y), stored_logits=torch.from_numpy(logits[:, :k]),
-                 stored_width=torch.from_numpy(width))
+        stored = dict(stored_logits=torch.from_numpy(logits[:, :k]),
+                      stored_width=torch.from_numpy(width))
+        if self.latent.frozen:  # shifted in latent space: the frozen layers keep full size
+            step.add(name, self._to_tensor(x), torch.from_numpy(y),
+                     latent=self._augment(self.latent.get(idx)), **stored)
+        else:
+            step.add(name, self._augment(self._to_tensor(x)), torch.from_numpy(y), **stored)
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.config.augment
@@ -283,12 +304,13 @@ class OnlineLearner:
         return out
 
     def _learn_step(self, raw: np.ndarray, xt: torch.Tensor, targets: np.ndarray,
-                    keep: bool) -> tuple[float, np.ndarray]:
+                    keep: bool, zt: torch.Tensor | None = None) -> tuple[float, np.ndarray]:
         """One optimizer step on the stream batch and the terms' replay draws. Returns the
         loss and the argmax of the batch's pre-update logits; `keep` offers the batch to
-        the buffer (once per batch, however many iterations learn it)."""
+        the buffer (once per batch, however many iterations learn it). `zt`: the batch's
+        latents, once the layers of latent replay are frozen."""
         step = Step(index=self.steps, num_classes=len(self.labels))
-        step.add("stream", xt, torch.from_numpy(targets))
+        step.add("stream", xt, torch.from_numpy(targets), latent=zt)
         for term in self.terms:
             term.prepare(step, self.rng)
         step.seal()
@@ -301,11 +323,14 @@ class OnlineLearner:
                     step.anchor_logits, step.anchor_features = self.anchor(step.x, self.anchor_taps)
                 else:
                     step.anchor_logits = self.anchor(step.x)
-        self.student.train()
+        self.latent.train(self.student)
         # the train-mode forward moves BatchNorm's running statistics before the loss is
         # known; a skipped step puts them back, so a non-finite batch cannot poison eval mode
         bn_before = {k: v.clone() for k, v in self.student.named_buffers()}
-        if self.student_taps:
+        if zt is not None:
+            latents = torch.cat([part.latent for part in step.parts.values()])
+            step.logits = self.latent.suffix(self.student, latents)
+        elif self.student_taps:
             step.logits, step.features = self.student(step.x, self.student_taps)
         else:
             step.logits = self.student(step.x)
@@ -329,7 +354,7 @@ class OnlineLearner:
                 term.after_backward(step)
             self.optimizer.step()
             if keep:
-                self.buffer.add(raw, targets, step.logits_of("stream").detach().numpy())
+                self._keep(raw, targets, step.logits_of("stream").detach().numpy(), zt)
         else:  # neither learned nor kept for replay: one bad batch must not poison the model
             self.optimizer.zero_grad(set_to_none=True)
             self.student.load_state_dict(bn_before, strict=False)
@@ -339,6 +364,14 @@ class OnlineLearner:
         if self.steps - self.last_consolidation >= self.config.consolidate_every:
             self._consolidate()
         return value, predicted
+
+    def _keep(self, raw: np.ndarray, targets: np.ndarray, logits: np.ndarray,
+              zt: torch.Tensor | None) -> None:
+        """Offer the learned batch to the buffer (with its latents, under latent replay)."""
+        slots = self.buffer.add(raw, targets, logits)
+        keep = slots >= 0
+        if zt is not None and keep.any():
+            self.latent.store(self.buffer.capacity, slots[keep], zt[torch.from_numpy(keep)])
 
     def _label_shift(self, labels: torch.Tensor) -> torch.Tensor | None:
         """tau * log(prior): the running share of each class among the labels of the batches
@@ -445,6 +478,7 @@ class OnlineLearner:
                          "skipped_steps": self.skipped_steps,
                          "last_consolidation": self.last_consolidation},
             "label_prior": self.label_prior.clone(),
+            "latent": self.latent.state_dict(),
             "numpy_rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
         }
@@ -483,6 +517,10 @@ class OnlineLearner:
         self.skipped_steps = counters["skipped_steps"]
         self.last_consolidation = counters["last_consolidation"]
         self.label_prior = state.get("label_prior", torch.zeros(0)).clone()
+        self.latent = LatentReplay(self.config.latent_layers, self.config.latent_after)
+        if state.get("latent", {}).get("frozen") and self.student is not None:
+            # latents are a function of the raw inputs and the frozen layers: recomputed
+            self.latent.freeze(self.student, self.buffer, self._to_tensor)
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
 
@@ -497,6 +535,35 @@ def stream_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, kind: str)
         present[targets] = True
         logits = logits.masked_fill(~present, float("-inf"))
     return F.cross_entropy(logits, targets)
+
+
+def make_optimizer(params, config: LearnerConfig) -> torch.optim.Optimizer:
+    """The student's optimizer: plain SGD (the paper setting) or Adam, whose per-parameter
+    step sizes learn a model trained from scratch in fewer steps."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+
+
+@torch.no_grad()
+def refresh_batchnorm(model: EdgeNet, x: torch.Tensor, chunk: int = 100) -> None:
+    """Replace every BatchNorm layer's running statistics with their plain average over `x`
+    (train-mode forwards, no gradient). Early in a stream the running averages lag weights
+    that move fast, and the stream's recent batches are mostly one task; the replay buffer
+    is a sample of the whole stream, as the classes a device will see are."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the chunks
+    model.train()
+    try:
+        for start in range(0, len(x), chunk):
+            model.embed(x[start:start + chunk])
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
 
 
 def _union(groups) -> tuple[str, ...]:

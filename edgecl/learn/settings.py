@@ -9,6 +9,10 @@ AUGMENTS = ("shift", "shift+flip", "none")
 STREAM_LOSSES = ("ce", "ace")
 OFFER_LOGITS = ("forward", "none")
 BUFFER_POLICIES = ("reservoir", "balanced")
+OPTIMIZERS = ("sgd", "adam")
+# terms that read only the logits of replayed samples and the stream batch's raw inputs,
+# so they work when replayed samples enter the network past its frozen layers
+LATENT_TERMS = {"er", "der", "derpp", "ewcpp"}
 
 
 @dataclass
@@ -17,7 +21,8 @@ class LearnerConfig:
     method: str = "derpp+ewcpp"      # '+'-joined terms, or 'finetune' for none
     buffer_size: int = 200           # reservoir capacity, samples
     lr: float = 0.05
-    momentum: float = 0.0
+    momentum: float = 0.0            # SGD momentum (Adam: beta1 is its own)
+    optimizer: str = "sgd"           # 'sgd' | 'adam'
     seed: int = 0
     teacher: str = "none"            # 'none' | 'online' | 'frozen:PATH'
     teacher_arch: str | None = None  # resnet20/32/56 (small inputs), resnet18/34/50; None: by size
@@ -31,6 +36,8 @@ class LearnerConfig:
     min_final_map: int = 4           # student stride rule: last feature map side, pixels
     stride_relax: str = "early"      # which stride-2 layers the rule relaxes: 'early' | 'late'
     bn_momentum: float = 0.1         # student BatchNorm running-statistics momentum
+    bn_refresh: bool = False         # re-estimate BatchNorm statistics from the replay
+                                     # buffer before an eval-mode prediction or export
     stream_loss: str = "ce"          # 'ce' | 'ace': ER-ACE's asymmetric CE on the stream batch
     buffer_policy: str = "reservoir"  # 'reservoir' | 'balanced' (class-balanced, CBRS)
     iterations: int = 2              # optimizer steps per incoming batch (fresh replay draws)
@@ -39,6 +46,9 @@ class LearnerConfig:
     prior_decay: float = 0.99        # per step, of the running class prior it adjusts by
     offer_logits: str = "forward"    # logits stored with samples offered to the buffer
                                      # without training (offer_many): 'forward' | 'none'
+    latent_layers: int = 0           # latent replay: student body layers frozen after
+                                     # `latent_after` samples (0: off)
+    latent_after: int = 1000         # samples learned before the layers freeze
     channels_last: bool = True
     threads: int | None = None       # torch intra-op threads; None keeps torch's choice
 
@@ -69,6 +79,8 @@ class LearnerConfig:
             raise ValueError("buffer_size must be >= 0")
         if self.lr <= 0 or self.teacher_lr <= 0:
             raise ValueError("lr and teacher_lr must be > 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}")
         if not (self.teacher in ("none", "online") or self.teacher.startswith("frozen:")):
@@ -99,6 +111,14 @@ class LearnerConfig:
             raise ValueError("iterations must be >= 1")
         if self.offer_logits not in OFFER_LOGITS:
             raise ValueError(f"offer_logits must be one of {', '.join(OFFER_LOGITS)}")
+        if self.latent_layers < 0 or self.latent_after < 0:
+            raise ValueError("latent_layers and latent_after must be >= 0")
+        if self.latent_layers and not set(names) <= LATENT_TERMS:
+            raise ValueError(f"latent_layers works with the terms {', '.join(sorted(LATENT_TERMS))}"
+                             f" only (the others read features or inputs of the frozen "
+                             f"layers); method is {self.method!r}")
+        if self.latent_layers and (self.teacher != "none" or self.bn_refresh):
+            raise ValueError("latent_layers needs teacher 'none' and bn_refresh off")
         if self.consolidate_min_gap < 0:
             raise ValueError("consolidate_min_gap must be >= 0")
         if self.consolidate_every < 1:

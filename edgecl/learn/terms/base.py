@@ -21,6 +21,7 @@ class Part:
     rows: slice
     stored_logits: torch.Tensor | None = None  # (n, K_stored) for DER draws
     stored_width: torch.Tensor | None = None   # (n,) classes that existed at storage time
+    latent: torch.Tensor | None = None  # latent replay: the rows' output of the frozen layers
 
 
 @dataclass
