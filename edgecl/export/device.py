@@ -32,8 +32,8 @@ from edgecl.client import (DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Connection, Daemo
                            RequestRefused, new_socket)
 from edgecl.errors import UserError
 from edgecl.security import ClientCurve
-from edgecl.export.snapshots import (FP32_FILE, INT8_FILE, META_FILE, SnapshotCorrupt,
-                                     fsync_dir, sha256_bytes, sha256_file)
+from edgecl.files import (FP32_FILE, INT8_FILE, META_FILE, SnapshotCorrupt, fsync_dir,
+                          fsync_file, sha256_bytes, sha256_file)
 from edgecl.wire import PROTOCOL_VERSION, ErrorCode, pack, unpack_reply
 
 log = logging.getLogger("edgecl.pull")
@@ -162,8 +162,7 @@ class DeviceClient:
             self._fetch(version, name, size, dest, chunk, credit)
             got = sha256_file(dest)
             if got == digest:
-                with open(dest, "rb") as fh:
-                    os.fsync(fh.fileno())
+                fsync_file(dest)
                 return
             dest.unlink()
             log.warning("snapshot %d %s: sha256 %s… does not match meta.json's %s…%s", version,

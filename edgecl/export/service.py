@@ -37,10 +37,10 @@ import numpy as np
 from edgecl.export.freshness import Freshness
 from edgecl.export.heldout import HeldOutSlice
 from edgecl.export.onnx import ParityThresholds, copy_model, export_student
-from edgecl.export.snapshots import (META_FILE, MODEL_FILES, SnapshotRejected, SnapshotStore,
-                                     sha256_bytes)
+from edgecl.export.snapshots import SnapshotRejected, SnapshotStore
 from edgecl.config import SnapshotConfig
 from edgecl.errors import UserError
+from edgecl.files import META_FILE, MODEL_FILES, sha256_bytes
 from edgecl.threads import lower_this_thread
 from edgecl.wire import ErrorCode, WireError
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgecl.errors import UserError
-from edgecl.export.snapshots import TMP_PREFIX, write_atomic
+from edgecl.files import TMP_PREFIX, write_atomic
 from edgecl.serve.journal import DurableCounter, Journal
 from edgecl.serve.queue import Batch, SeenSequences
 

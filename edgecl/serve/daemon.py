@@ -47,6 +47,7 @@ import zmq
 from edgecl import __version__
 from edgecl.config import Config, resolve_state_dir
 from edgecl.errors import UserError
+from edgecl.files import write_atomic
 from edgecl.security import ROLES, server_curve
 from edgecl.threads import lower_this_thread
 from edgecl.serve.checkpoints import StateKeeper
@@ -677,10 +678,7 @@ class Daemon:
         log.info("input spec fixed by the first push: %s", spec.as_dict())
 
     def _write_spec(self, spec: InputSpec) -> None:
-        path = self.state_dir / SPEC_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(spec.as_dict()))
-        os.replace(tmp, path)
+        write_atomic(self.state_dir / SPEC_FILE, json.dumps(spec.as_dict()).encode())
 
     # ----------------------------------------------------------------- the learner thread
 

@@ -40,7 +40,7 @@ import msgpack
 import numpy as np
 
 from edgecl.errors import UserError
-from edgecl.export.snapshots import fsync_dir
+from edgecl.files import fsync_dir
 from edgecl.serve.queue import Batch
 from edgecl.wire import DTYPES
 

@@ -25,7 +25,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from edgecl.export.snapshots import write_atomic
+from edgecl.files import write_atomic
 
 log = logging.getLogger("edgecl.timeseries")
 
