@@ -1,5 +1,5 @@
 """`edgecl pull`, `edgecl export`, `edgecl rollback`: argument parsing and printing only; the
-work is in edgecl.export.device and the daemon's snapshot ops."""
+work is in edgecl.client.device and the daemon's snapshot ops."""
 from __future__ import annotations
 
 import argparse
@@ -77,8 +77,7 @@ def _unavailable(exc) -> UserError:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from edgecl.client import DaemonUnavailable, RequestRefused
-    from edgecl.export.device import DeviceClient
+    from edgecl.client import DaemonUnavailable, DeviceClient, RequestRefused
 
     client = DeviceClient(args.address, args.out, int8_only=args.int8_only,
                           timeout=args.timeout, retries=args.retries,

@@ -58,8 +58,7 @@ def pull_and_score(address: str, out_dir: str, test_x: np.ndarray, test_y: np.nd
 
     import onnxruntime as ort
 
-    from edgecl.client import Connection
-    from edgecl.export.device import DeviceClient
+    from edgecl.client import Connection, DeviceClient
 
     with Connection(address, wait_s + 5, 0) as conn:
         outcome = conn.request("snapshot.export", wait_ms=int(wait_s * 1000)).get("outcome")
