@@ -15,6 +15,7 @@ import numpy as np
 import zmq
 
 from edgecl.client.connection import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, LazyPirate, RequestRefused
+from edgecl.data import as_sample_array
 from edgecl.security import ClientCurve
 from edgecl.wire import ErrorCode, pack, plain_label, push_header, unpack_reply
 
@@ -214,18 +215,11 @@ def _as_batch(x, y) -> tuple[np.ndarray, list]:
         if isinstance(y, (np.ndarray,)):
             y = y.tolist()
         labels = [plain_label(label) for label in y]
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4:
-        raise ValueError(f"samples must be (N, C, H, W) or (N, H, W), got shape {x.shape}")
+    x = as_sample_array(x, allow_hw=True, check_finite=False)
     if x.shape[0] == 0:
         raise ValueError("empty batch: nothing to push")
     if len(labels) != x.shape[0]:
         raise ValueError(f"{x.shape[0]} samples but {len(labels)} labels")
-    if x.dtype == np.float64:
-        x = x.astype(np.float32)
-    if x.dtype not in (np.uint8, np.float32):
-        raise ValueError(f"samples must be uint8 or float32 in [0, 1], got {x.dtype}")
     return np.ascontiguousarray(x), labels
 
 

@@ -47,7 +47,7 @@ from typing import Any, Callable
 from edgecl.errors import UserError
 from edgecl.files import TMP_PREFIX, write_atomic
 from edgecl.serve.journal import DurableCounter, Journal
-from edgecl.serve.queue import Batch, SeenSequences
+from edgecl.serve.queue import Batch, SeenSequences, joins_group
 
 log = logging.getLogger("edgecl.checkpoints")
 
@@ -431,7 +431,7 @@ class StateKeeper:
             how, limit = learn, learn_batch
             if offer is not None and self.replay_end - batch.first - batch.n >= keep_samples:
                 how, limit = offer, OFFER_GROUP
-            if group and (how is not group_how or total + batch.n > limit):
+            if group and (how is not group_how or not joins_group(total, batch.n, limit)):
                 self._replay_group(group_how, group)
                 group, total = [], 0
             group.append(batch)

@@ -41,7 +41,7 @@ def _register_serve(subparsers) -> None:
                                                     "[snapshots], [journal], [checkpoints])")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any setting, e.g. --set learner.lr=0.01 (repeatable)")
-    hints = config_mod._field_types(config_mod.ServeConfig)
+    hints = config_mod.field_types(config_mod.ServeConfig)
     for f in dataclasses.fields(config_mod.ServeConfig):
         if hints[f.name] is bool:  # a switch: --require-curve
             p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"serve__{f.name}",
@@ -51,12 +51,13 @@ def _register_serve(subparsers) -> None:
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f"serve__{f.name}", type=kind,
                        default=None, metavar=f.name.upper(),
                        help=f"serve.{f.name} (default {DEFAULT_TEXT.get(f.name, f.default)})")
-    input_hints = config_mod._field_types(config_mod.InputConfig)
+    input_hints = config_mod.field_types(config_mod.InputConfig)
     for key, flag in INPUT_FLAGS.items():
         p.add_argument(f"--{flag}", dest=f"input__{key}", type=_scalar(input_hints[key]),
                        default=None, metavar=key.upper(),
                        help=f"input.{key} (default: from the first push)")
-    p.add_argument("--fsync", dest="journal__fsync", choices=("batch", "interval"), default=None,
+    p.add_argument("--fsync", dest="journal__fsync", choices=config_mod.FSYNC_POLICIES,
+                   default=None,
                    help="journal.fsync: 'batch' syncs the journal before every ack (default); "
                         "'interval' every journal.fsync_interval_ms, faster, and a power cut "
                         "can lose the acks of that window (docs/durability.md)")
