@@ -12,6 +12,9 @@ safely.
 - Only after every file checks out are they renamed into DIR, meta.json last: until then the
   previous model stays in place, untouched.
 
+`pull_and_score` is the device's end of `edgecl demo` and `edgecl bench realtime`: ask for a
+snapshot, pull it, score both models with onnxruntime.
+
 Nothing here imports torch: a device needs pyzmq, msgpack and (to infer) onnxruntime.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 import msgpack
+import numpy as np
 import zmq
 
 from edgecl.client.connection import (DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Connection,
@@ -239,6 +243,33 @@ def _pub_address(address: str) -> str:
     return f"{head}:{int(port) + 1}"
 
 
+def pull_and_score(address: str, out_dir: str, test_x: np.ndarray, test_y: np.ndarray,
+                   wait_s: float = 120.0) -> dict | None:
+    """Ask for a fresh snapshot and wait until that export is settled, then pull the newest
+    published one over the wire (sha256-checked) as a device does, and score the fp32 and
+    int8 ONNX models with onnxruntime on the test samples. If the gate refused the fresh
+    one, the device gets the one before (`outcome` says which). None when no snapshot was
+    ever published."""
+    import onnxruntime as ort
+
+    with Connection(address, wait_s + 5, 0) as conn:
+        outcome = conn.request("snapshot.export", wait_ms=int(wait_s * 1000)).get("outcome")
+    device = DeviceClient(address, out_dir)
+    device.pull()
+    if device.local_version() is None:
+        return None
+    meta = json.loads((Path(out_dir) / META_FILE).read_text())
+    scores: dict = {"version": meta["version"], "outcome": outcome}
+    for name in (FP32_FILE, INT8_FILE):
+        session = ort.InferenceSession(str(Path(out_dir) / name),
+                                       providers=["CPUExecutionProvider"])
+        logits = session.run(None, {meta["input"]["name"]: test_x})[0]
+        predicted = np.asarray(meta["labels"])[logits.argmax(1)]
+        scores[name] = {"accuracy": float(np.mean(predicted == test_y)),
+                        "bytes": (Path(out_dir) / name).stat().st_size}
+    return scores
+
+
 def verify_installed(out_dir: str | os.PathLike) -> dict:
     """Check DIR's model files against DIR/meta.json; returns the meta."""
     out = Path(out_dir)
@@ -250,4 +281,4 @@ def verify_installed(out_dir: str | os.PathLike) -> dict:
     return meta
 
 
-__all__ = ["DeviceClient", "verify_installed", "sha256_bytes"]
+__all__ = ["DeviceClient", "pull_and_score", "verify_installed", "sha256_bytes"]

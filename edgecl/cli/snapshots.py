@@ -1,5 +1,6 @@
-"""`edgecl pull`, `edgecl export`, `edgecl rollback`: argument parsing and printing only; the
-work is in edgecl.client.device and the daemon's snapshot ops."""
+"""`edgecl pull`, `edgecl export`, `edgecl rollback`: the snapshot commands. Argument parsing
+and printing only; the work is in edgecl.client (DeviceClient, Connection) and the daemon's
+snapshot ops."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,8 @@ import json
 import logging
 import threading
 
+from edgecl.cli.common import add_client_args, client_curve_from_args
 from edgecl.errors import UserError
-from edgecl.security import add_client_args, client_curve_from_args
 
 log = logging.getLogger("edgecl.pull")
 
