@@ -47,6 +47,7 @@ from typing import Any, Callable
 from edgecl.errors import UserError
 from edgecl.files import TMP_PREFIX, write_atomic
 from edgecl.serve.journal import DurableCounter, Journal
+from edgecl.serve.learning import HasSettings
 from edgecl.serve.queue import Batch, SeenSequences, joins_group
 
 log = logging.getLogger("edgecl.checkpoints")
@@ -289,7 +290,7 @@ class StateKeeper:
     """Restores the daemon at start, replays the journal, and checkpoints it as it learns.
 
     Parts other features keep in the checkpoint (the held-out slice) are registered with
-    `add_part(name, get_state, set_state)` and restored after every feature has attached.
+    `add_part(name, get_state, set_state)` and restored after every feature has started.
     """
 
     def __init__(self, daemon, journal: Journal, every_steps: int, every_s: float):
@@ -360,7 +361,7 @@ class StateKeeper:
         if loaded is not None:
             self._apply(*loaded)
         self._saved_covered = self.covered if loaded is not None else None
-        self._saved_steps = int(getattr(daemon.learner, "steps", 0) or 0)
+        self._saved_steps = daemon.learner.steps
         if loaded is not None or self.replay_end:
             log.info("restored: checkpoint %s covers %d samples; %d journaled samples to replay",
                      loaded[1].name if loaded else "(none)", self.covered,
@@ -370,7 +371,7 @@ class StateKeeper:
     def _apply(self, state: dict, path: Path) -> None:
         daemon = self.daemon
         learner_state = state["learner"]
-        configured = getattr(daemon.learner, "config", None)
+        configured = daemon.learner.config if isinstance(daemon.learner, HasSettings) else None
         if is_dataclass(configured):
             differ = sorted(k for k, v in asdict(configured).items()
                             if k != "threads" and learner_state["config"].get(k) != v)
@@ -404,7 +405,7 @@ class StateKeeper:
         self._parts[name] = (get_state, set_state)
 
     def restore_parts(self) -> None:
-        """Hand each registered part its saved state (after every feature attached)."""
+        """Hand each registered part its saved state (after every feature started)."""
         for name, (_, set_state) in self._parts.items():
             if name in self._saved_parts:
                 set_state(self._saved_parts[name])
@@ -463,7 +464,7 @@ class StateKeeper:
     def maybe_save(self) -> None:
         """Checkpoint if `every_steps` learner steps or `every_s` seconds have passed since
         the last one and something new was learned."""
-        steps = int(getattr(self.daemon.learner, "steps", 0) or 0)
+        steps = self.daemon.learner.steps
         if (self.every_steps and steps - self._saved_steps >= self.every_steps) or \
                 (self.every_s and time.monotonic() - self._saved_at >= self.every_s):
             self.save()
@@ -502,7 +503,7 @@ class StateKeeper:
             return
         seconds = time.perf_counter() - started
         self._saved_covered = self.covered
-        self._saved_steps = int(getattr(daemon.learner, "steps", 0) or 0)
+        self._saved_steps = daemon.learner.steps
         self._saved_at = time.monotonic()
         self.status.update(covered=self.covered, path=path.name, bytes=size,
                            seconds=round(seconds, 4), time=time.time(), error=None)

@@ -24,12 +24,12 @@ Extension points, for the snapshot and durability work:
   with `long_poll=True` the handler may return None to hold the reply (see register_op).
 - `announce(topic, payload)` publishes on the PUB socket from any thread.
 - `update_status(**fields)` adds fields (e.g. snapshot_version) to `status` from any thread.
-A feature module listed in ATTACHMENTS gets `attach(daemon)` called to use these.
+The features that use these (snapshots for devices, the time series) are built by
+`_start_features`, in the learner thread, and kept as `snapshots` and `timeseries`.
 """
 from __future__ import annotations
 
 import errno
-import importlib
 import json
 import logging
 import os
@@ -52,6 +52,7 @@ from edgecl.security import ROLES, server_curve
 from edgecl.threads import lower_this_thread
 from edgecl.serve.checkpoints import StateKeeper
 from edgecl.serve.journal import Journal, StorageError
+from edgecl.serve.learning import Learner, OffersToBuffer
 from edgecl.serve.queue import Batch, BusyLine, IngestQueue, SeenSequences
 from edgecl.wire import (PROTOCOL_VERSION, ErrorCode, InputSpec, WireError, check_frames,
                          check_header, decode_header, decode_push, error_reply, ok_reply,
@@ -64,10 +65,6 @@ ACTIVE_SENSOR_S = 5.0       # a sensor that pushed this recently shares the queu
 POLL_MS = 20                # how often the loop looks at stop requests and announcements
 MAX_DRAIN_PER_POLL = 256    # requests handled per wake-up: fewer GIL hand-offs under load
 
-# Features that ride on the daemon (snapshots/export, the journal) attach themselves here: each
-# module named has `attach(daemon)`, called at the end of Daemon.__init__, which registers ops,
-# learner hooks and status fields through the extension points above. One line per feature.
-ATTACHMENTS: list[str] = ["edgecl.export.service", "edgecl.serve.timeseries"]
 MAX_LONG_POLL_MS = 300_000  # longest a long-poll request is held before it must be answered
 LEARNER_NICENESS = 5        # the learner and exports yield cores to the socket loop
 # How often a thread holding the GIL is asked to let another run (Python's default: 5 ms).
@@ -87,7 +84,7 @@ class Daemon:
     `stop()` to run it in background threads (tests, demo, benchmarks).
     """
 
-    def __init__(self, config: Config, learner: Any = None):
+    def __init__(self, config: Config, learner: Learner | None = None):
         config.check()
         self.config = config
         self.curve = server_curve(config.serve)  # key files checked before anything starts
@@ -130,7 +127,9 @@ class Daemon:
         self._init_learner_side()
         self._extra_status: dict = {}
         self._classes: set = set()  # labels accepted so far (serve.max_classes)
-        self.ready = threading.Event()  # the learner is loaded and every feature attached
+        self.ready = threading.Event()  # the learner is loaded and every feature started
+        self.snapshots = None    # SnapshotService, built by the learner thread when enabled
+        self.timeseries = None   # its Recorder, likewise
         self.load_error: str | None = None
         self._loop_calls: deque[Callable[[], None]] = deque()  # run by the socket loop
         self._ops: dict[str, OpHandler] = {"ping": self._op_ping, "status": self._op_status}
@@ -176,25 +175,38 @@ class Daemon:
         return journal, keeper
 
     def _check_learner(self) -> None:
-        if self.config.serve.overload == "realtime" and not hasattr(self.learner, "offer_many"):
+        if self.config.serve.overload == "realtime" and not isinstance(self.learner,
+                                                                       OffersToBuffer):
             raise UserError("serve.overload = 'realtime' needs a learner with offer_many(); "
                             "use 'backpressure' with this learner")
 
     def _load(self) -> None:
         """Learner thread, before learning: build the learner, load the newest checkpoint
-        into it and attach the features. All the torch work of a start happens here, while
+        into it and start the features. All the torch work of a start happens here, while
         the socket loop already acks pushes (they queue behind the journal replay)."""
         if self.learner is None:
             from edgecl.learn import OnlineLearner
             self.learner = OnlineLearner(self._learner_config())
             self._check_learner()
         self.keeper.restore_learner()
-        for name in ATTACHMENTS:
-            importlib.import_module(name).attach(self)
+        self._start_features()
         self.keeper.restore_parts()
-        labels = list(getattr(self.learner, "labels", None) or ())
+        labels = list(self.learner.labels)
         self.call_in_loop(lambda: self.note_classes(labels))
         self.call_in_loop(self.ready.set)  # after the merges queued before it
+
+    def _start_features(self) -> None:
+        """The features that ride on the daemon, each registering its ops, hooks and state
+        parts through the extension points: snapshots (which bring torch and ONNX in, hence
+        the learner thread), with the learner routed through their held-out slice, then the
+        time series, which reads the snapshot store."""
+        from edgecl.export.service import HeldOutRouter, start_snapshots
+        from edgecl.serve.timeseries import start_recorder
+
+        if self.config.snapshots.enabled:
+            self.snapshots = start_snapshots(self)
+            self.learner = HeldOutRouter(self.learner, self.snapshots.heldout)
+        self.timeseries = start_recorder(self, self.snapshots.store if self.snapshots else None)
 
     def call_in_loop(self, fn: Callable[[], None]) -> None:
         """Run `fn` in the socket loop, which owns the dedup record and the push counters."""
@@ -216,7 +228,7 @@ class Daemon:
         """The configured LearnerConfig; unless `learner.threads` is set, torch gets all cores
         but one, so the socket loop always has a core to answer on (status p99 under load)."""
         learner_config = self.config.learner_config()
-        if getattr(learner_config, "threads", "absent") is None:
+        if learner_config.threads is None:
             learner_config.threads = max(1, (os.cpu_count() or 2) - 1)
         return learner_config
 
@@ -248,7 +260,7 @@ class Daemon:
     def add_state_part(self, name: str, get_state: Callable[[], Any],
                        set_state: Callable[[Any], None]) -> None:
         """Keep `get_state()` in every checkpoint (called in the learner thread) and hand it
-        to `set_state` at the next start, after every feature has attached."""
+        to `set_state` at the next start, after every feature has started."""
         self.keeper.add_part(name, get_state, set_state)
 
     def announce(self, topic: str, payload: dict) -> None:
