@@ -65,26 +65,40 @@ def _state_dir(path: str | None):
     yield str(directory)
 
 
+def _print_status_until_learned(address: str, sensors: list, errors: list, started: float,
+                                every_s: float) -> None:
+    """Print the daemon's status every `every_s` until the sensors are done and every sample
+    they pushed is learned (or a sensor failed)."""
+    from edgecl.cli.status import format_status
+    from edgecl.client import get_status
+
+    while True:
+        time.sleep(every_s)
+        status = get_status(address)
+        print(f"\n--- {time.monotonic() - started:.0f} s ---\n"
+              + format_status(status, address), flush=True)
+        pushing = any(t.is_alive() for t in sensors)
+        if errors or (not pushing and status["samples_learned"]
+                      + status["samples_failed"] >= status["samples_received"]):
+            return
+
+
 def run_demo(args) -> int:
     """Options read from `args` when present: buffer (200), method ("derpp+ewcpp"),
     limit (all 4,000 training digits), batch (32), seed (0), status_every (2.0 s)."""
-    from edgecl.client import get_status
     from edgecl.config import Config
     from edgecl.data import split_mnist
-    from edgecl.cli.status import format_status
     from edgecl.serve.daemon import Daemon
 
     buffer = getattr(args, "buffer", None) or 200
     method = getattr(args, "method", None) or "derpp+ewcpp"
-    limit = getattr(args, "limit", None)
     batch = getattr(args, "batch", None) or 32
     seed = getattr(args, "seed", None) or 0
     status_every = getattr(args, "status_every", None) or 2.0
 
     stream = split_mnist(seed=seed)
-    x, y = stream.train_x, stream.train_y.tolist()
-    if limit:
-        x, y = x[:limit], y[:limit]
+    limit = getattr(args, "limit", None) or len(stream.train_y)
+    x, y = stream.train_x[:limit], stream.train_y[:limit].tolist()
     with _state_dir(getattr(args, "state_dir", None)) as state_dir:
         config = Config()
         config.serve.port = 0
@@ -106,15 +120,7 @@ def run_demo(args) -> int:
         print(f"streaming {len(y)} Split-MNIST digits (pairs 0/1 ... 8/9 in order) from "
               f"{', '.join(SENSORS)}", flush=True)
         try:
-            while True:
-                time.sleep(status_every)
-                status = get_status(address)
-                print(f"\n--- {time.monotonic() - started:.0f} s ---\n"
-                      + format_status(status, address), flush=True)
-                pushing = any(t.is_alive() for t in sensors)
-                if errors or (not pushing and status["samples_learned"]
-                              + status["samples_failed"] >= status["samples_received"]):
-                    break
+            _print_status_until_learned(address, sensors, errors, started, status_every)
             if not errors:
                 _pull_and_score(address, f"{state_dir}/device", stream)
         finally:
