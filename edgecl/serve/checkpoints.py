@@ -346,10 +346,8 @@ class StateKeeper:
         next_offset = max(next_offset, newest)
         self._record_firsts = [record.first for record in records]
         self._newest_at_start = newest
-        daemon._next_offset = next_offset
-        daemon.samples_duplicate = self.duplicates.value
-        daemon.samples_received = next_offset
-        daemon.batches_received = sum(first >= newest for first in self._record_firsts)
+        daemon.counts.restore_received(next_offset, self.duplicates.value,
+                                       sum(first >= newest for first in self._record_firsts))
         self.replay_end = next_offset
         self._publish()  # status has its checkpoint fields from the first request on
 
@@ -387,9 +385,7 @@ class StateKeeper:
                             "the journal aside to start over") from None
         self.covered = int(state["covered"])
         counters = state["counters"]
-        daemon.samples_learned = int(counters["samples_learned"])
-        daemon.samples_failed = int(counters["samples_failed"])
-        daemon.samples_offered = int(counters.get("samples_offered", 0))  # none in older files
+        daemon.counts.restore_consumed(counters)
         self.batches_covered = int(counters["batches_covered"])
         self.covered_seen.load_state_dict(state["dedup"])
         # what the socket loop counted from the journal at start assumed the newest file
@@ -483,10 +479,7 @@ class StateKeeper:
                 "format": FORMAT, "covered": self.covered, "created": time.time(),
                 "learner": daemon.learner.state_dict(),
                 "dedup": self.covered_seen.state_dict(),
-                "counters": {"samples_learned": daemon.samples_learned,
-                             "samples_offered": daemon.samples_offered,
-                             "samples_failed": daemon.samples_failed,
-                             "samples_duplicate": daemon.samples_duplicate,
+                "counters": {**daemon.counts.checkpointed(),
                              "batches_covered": self.batches_covered},
                 "parts": {name: get_state() for name, (get_state, _) in self._parts.items()},
                 "snapshot_version": daemon.status().get("snapshot_version"),

@@ -44,6 +44,7 @@ from edgecl.config import Config, resolve_state_dir
 from edgecl.errors import UserError
 from edgecl.security import ROLES, server_curve
 from edgecl.serve.checkpoints import StateKeeper
+from edgecl.serve.counters import StreamCounts
 from edgecl.serve.ingest import SPEC_FILE, Ingest  # noqa: F401  (SPEC_FILE: old imports)
 from edgecl.serve.journal import Journal
 from edgecl.serve.learning import FIRST_STEP_S, Learner, LearnerHook, LearnerThread  # noqa: F401
@@ -94,15 +95,12 @@ class Daemon(Ingest, LearnerThread):
         self.pub_port: int | None = None
         self.started_at = time.time()
 
+        self.counts = StreamCounts()
         # Owned by the socket loop (other threads only read them, for status).
-        self.samples_received = 0
-        self.batches_received = 0
-        self.samples_duplicate = 0
         # Every code present from the start: a stable schema, and no dict resizing while the
         # metrics thread copies it.
         self.refused: Counter[str] = Counter({code: 0 for code in ErrorCode.ALL})
         self.accepting = True
-        self._next_offset = 0
         self._last_push_by_sensor: dict[str, float] = {}
         self._active_sensors = 1
         self._active_counted_at = 0.0
@@ -151,8 +149,8 @@ class Daemon(Ingest, LearnerThread):
             merged.load_state_dict({"sensors": dedup["sensors"]
                                     + self.seen.state_dict()["sensors"]})
             self.seen = merged
-            self.samples_duplicate = max(self.samples_duplicate, duplicates)
-            self.batches_received += batches
+            self.counts.samples_duplicate = max(self.counts.samples_duplicate, duplicates)
+            self.counts.batches_received += batches
         self.call_in_loop(merge)
 
     # ----------------------------------------------------------------- extension points
@@ -263,7 +261,15 @@ class Daemon(Ingest, LearnerThread):
         host = "127.0.0.1" if host in ("0.0.0.0", "*") else host
         return f"tcp://{host}:{self.port}"
 
-    # ----------------------------------------------------------------- status
+    # ----------------------------------------------------------------- counts and status
+
+    # The stream's counts live in `counts` (edgecl/serve/counters.py); these read them.
+    samples_received = property(lambda self: self.counts.samples_received)
+    batches_received = property(lambda self: self.counts.batches_received)
+    samples_duplicate = property(lambda self: self.counts.samples_duplicate)
+    samples_learned = property(lambda self: self.counts.samples_learned)
+    samples_offered = property(lambda self: self.counts.samples_offered)
+    samples_failed = property(lambda self: self.counts.samples_failed)
 
     def status(self) -> dict:
         """The figures behind `edgecl status` and /metrics; cheap, callable from any thread.
@@ -271,10 +277,10 @@ class Daemon(Ingest, LearnerThread):
         Keys are a stable schema (docs/protocol.md); labels keep their type, so per-class
         accuracy is a list of {label, acc} rather than a map keyed by label.
         """
+        learned, offered, failed = self.counts.consumed_counts()
+        counts = self.counts
         with self._stats_lock:
             stats = self._learner_stats
-            learned, failed = self.samples_learned, self.samples_failed
-            offered = self.samples_offered
             learner_error = self.learner_error
             extra = self._extra_status
         classes = list(stats.get("classes", []))
@@ -285,13 +291,13 @@ class Daemon(Ingest, LearnerThread):
             "uptime_s": round(time.time() - self.started_at, 3),
             "accepting": self.accepting,
             "input_spec": self.spec.as_dict() if self.spec else None,
-            "samples_received": self.samples_received,
+            "samples_received": counts.samples_received,
             "samples_learned": learned,
             "samples_offered": offered,
             "samples_failed": failed,
-            "samples_duplicate": self.samples_duplicate,
-            "batches_received": self.batches_received,
-            "queue_depth": self.samples_received - learned - offered - failed,
+            "samples_duplicate": counts.samples_duplicate,
+            "batches_received": counts.batches_received,
+            "queue_depth": counts.samples_received - learned - offered - failed,
             "overload": self.config.serve.overload,
             "learner_state": "learning" if self.ready.is_set() else "loading",
             "learn_rate": None if self.learn_rate is None else round(self.learn_rate, 2),

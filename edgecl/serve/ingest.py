@@ -1,6 +1,6 @@
-"""The socket loop of `edgecl serve`: it owns both sockets, the dedup record, the push
-counters it keeps (received, batches, duplicates, the next stream offset) and the input
-spec, and never runs torch nor calls the learner.
+"""The socket loop of `edgecl serve`: it owns both sockets, the dedup record, the received
+side of the stream counts (edgecl/serve/counters.py: samples, pushes, duplicates, the next
+stream offset) and the input spec, and never runs torch nor calls the learner.
 
     sensor --push--> [validate -> dedup -> commit: journal, queue (ack)] --queue--> learner
 
@@ -268,8 +268,8 @@ class Ingest:
         previous = self.seen.lookup(request.sensor, request.seq)
         if previous is not None:
             first, n = previous
-            self.samples_duplicate += n
-            self.keeper.note_duplicates(self.samples_duplicate)
+            self.counts.samples_duplicate += n
+            self.keeper.note_duplicates(self.counts.samples_duplicate)
             return ok_reply(rid, seq=request.seq, n=n, range=[first, first + n],
                             duplicate=True, credit=self._credit(request.x.nbytes, n))
         if not self.accepting:
@@ -279,7 +279,7 @@ class Ingest:
                                retry_after_ms=1000)
         new_classes = self._check_classes(request.labels)
         batch = Batch(request.sensor, request.seq, request.x, request.labels,
-                      first=self._next_offset)
+                      first=self.counts.next_offset)
         if not self._commit(batch):
             self.busy_line.refused(request.sensor, batch.accepted_at)
             self.refused[ErrorCode.BUSY] += 1
@@ -293,9 +293,7 @@ class Ingest:
             self._fix_spec(request.spec)
         self._classes |= new_classes
         self.seen.record(request.sensor, request.seq, batch.first, batch.n)
-        self._next_offset += batch.n
-        self.samples_received += batch.n
-        self.batches_received += 1
+        self.counts.accepted(batch.n)
         self._last_push_by_sensor[request.sensor] = batch.accepted_at
         return ok_reply(rid, seq=request.seq, n=batch.n, range=[batch.first,
                                                                  batch.first + batch.n],

@@ -7,7 +7,8 @@
   there, after the socket loop already acks), restores the checkpoint, starts the features,
   replays the journal, then takes batches from the bounded queue and learns them; every
   `stats_interval_s` it publishes `learner.stats()` as a fresh dict (swapped under a lock)
-  for `status` and /metrics. It owns the learned, offered and failed counts. It is one half
+  for `status` and /metrics. It writes the stream counts' consumed side (learned, offered,
+failed; edgecl/serve/counters.py). It is one half
   of `edgecl.serve.daemon.Daemon`, whose __init__ sets the state it works on.
 """
 from __future__ import annotations
@@ -70,9 +71,6 @@ class LearnerThread:
         """Fields owned by the learner thread; other threads read them under _stats_lock."""
         self._stats_lock = threading.Lock()
         self._learner_stats: dict = {}
-        self.samples_learned = 0
-        self.samples_offered = 0   # real-time policy: offered to the replay buffer only
-        self.samples_failed = 0
         self.learn_rate: float | None = None  # samples/s the learner can train (see _note_step)
         self._step_s: float | None = None     # seconds per learn step, moving average
         if self.config.serve.overload == "backpressure":  # a first guess until a step is timed
@@ -221,9 +219,7 @@ class LearnerThread:
             failed = len(labels)
             with self._stats_lock:
                 self.learner_error = f"{type(exc).__name__}: {exc}"
-        with self._stats_lock:
-            self.samples_offered += len(labels) - failed
-            self.samples_failed += failed
+        self.counts.consumed(offered=len(labels) - failed, failed=failed)
 
     def _learn(self, batches: list[Batch]) -> None:
         """One learn_many call (one optimizer step) per `learn_batch` samples: small pushes are
@@ -243,9 +239,7 @@ class LearnerThread:
                 failed = n
                 with self._stats_lock:
                     self.learner_error = f"{type(exc).__name__}: {exc}"
-            with self._stats_lock:
-                self.samples_learned += n - failed
-                self.samples_failed += failed
+            self.counts.consumed(learned=n - failed, failed=failed)
             for hook in self._learner_hooks:
                 self._run_hook(hook, final=False)
             self._note_step(time.perf_counter() - started)
