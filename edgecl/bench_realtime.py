@@ -149,7 +149,7 @@ def stream_once(policy: str, rate: float, x: np.ndarray, y: list, test, sensors:
                 settings: dict) -> dict:
     """One run: stream `x, y` at `rate` through a fresh daemon under `policy`, then score."""
     from edgecl.client import get_status
-    from edgecl.serve.demo import pull_and_score
+    from edgecl.client import pull_and_score
 
     daemon = DaemonProcess({**settings, "serve.overload": policy}, test.test_x)
     try:

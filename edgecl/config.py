@@ -25,6 +25,7 @@ from edgecl.wire import DTYPES, InputSpec
 
 
 OVERLOAD_POLICIES = ("realtime", "backpressure")
+FSYNC_POLICIES = ("batch", "interval")  # journal.fsync (edgecl.serve.journal applies them)
 
 
 @dataclass
@@ -180,7 +181,6 @@ class JournalConfig:
     segment_mb: float = 8.0            # a new segment file after this many MiB
 
     def check(self) -> None:
-        from edgecl.serve.journal import FSYNC_POLICIES  # no torch there
         if self.fsync not in FSYNC_POLICIES:
             raise UserError(f"journal.fsync: {self.fsync!r} is not one of "
                             f"{', '.join(FSYNC_POLICIES)}")
@@ -233,7 +233,7 @@ class Config:
         """Build the LearnerConfig; an unknown or ill-typed key is a UserError naming it.
         `validate=False` checks the keys only, without importing torch (a daemon does that
         before it binds; the learner thread validates the rest)."""
-        from edgecl.learn.settings import LearnerConfig
+        from edgecl.learn import LearnerConfig  # its settings module: no torch
 
         known = {f.name: f for f in dataclasses.fields(LearnerConfig)}
         for key in self.learner:
@@ -272,7 +272,9 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return False
 
 
-def _field_types(cls) -> dict:
+def field_types(cls) -> dict:
+    """Each field of a settings dataclass and its annotation (`int | None`, `float`...), for
+    type checks here and for building command-line flags."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -285,7 +287,7 @@ def apply(config: Config, section: str, key: str, value: Any, source: str) -> No
     if section not in SECTIONS:
         raise UserError(f"{source}: unknown section [{section}]; known: "
                         f"{', '.join(list(SECTIONS) + ['learner'])}")
-    types_ = _field_types(SECTIONS[section])
+    types_ = field_types(SECTIONS[section])
     if key not in types_:
         raise UserError(f"{source}: {section}.{key} is not a setting; known: "
                         f"{', '.join(types_)}")

@@ -20,10 +20,11 @@ ORDER_SALT = 20261129  # keeps protocol orders apart from any other use of small
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".webp"}
 
 
-def as_sample_array(x, allow_hw: bool = False) -> np.ndarray:
-    """The one input form every source and the learner share: (N, C, H, W), uint8 or float32
-    in [0, 1]. float64 is narrowed to float32; with `allow_hw`, (N, H, W) gains a channel
-    axis. Raises ValueError naming what is wrong."""
+def as_sample_array(x, allow_hw: bool = False, check_finite: bool = True) -> np.ndarray:
+    """The one input form every source, the sensor client and the learner share: (N, C, H, W),
+    uint8 or float32 in [0, 1]. float64 is narrowed to float32; with `allow_hw`, (N, H, W)
+    gains a channel axis. Raises ValueError naming what is wrong. `check_finite=False` leaves
+    the values to the daemon (a sensor's push of NaN is its `bad_value` refusal)."""
     x = np.asarray(x)
     if allow_hw and x.ndim == 3:
         x = x[:, None]
@@ -34,7 +35,7 @@ def as_sample_array(x, allow_hw: bool = False) -> np.ndarray:
         x = x.astype(np.float32)
     if x.dtype not in (np.uint8, np.float32):
         raise ValueError(f"inputs must be uint8 or float32 in [0, 1]; got {x.dtype}")
-    if x.dtype == np.float32 and not np.isfinite(x).all():
+    if check_finite and x.dtype == np.float32 and not np.isfinite(x).all():
         raise ValueError("inputs contain NaN or Inf values")
     return x
 

@@ -1,23 +1,10 @@
-"""`edgecl methods`: every loss term, what it does, its parameters and defaults, and the memory
-it adds on a device, computed for a concrete student (by default the one Split-MNIST trains)."""
+"""The table behind `edgecl methods` (edgecl/cli/methods.py): every loss term, what it does, its
+parameters and defaults, and the memory it adds on a device, computed for a concrete student
+(by default the one Split-MNIST trains)."""
 from __future__ import annotations
-
-import json
-
-from edgecl.errors import UserError
 
 DEFAULT_INPUT = (1, 28, 28)
 DEFAULT_CLASSES = 10
-
-
-def _parse_input(text: str) -> tuple[int, int, int]:
-    try:
-        c, h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--input must be CxHxW, e.g. 1x28x28, got {text!r}") from None
-    if min(c, h, w) < 1:
-        raise UserError(f"--input must be positive sizes, got {text!r}")
-    return c, h, w
 
 
 def method_table(input_shape=DEFAULT_INPUT, classes: int = DEFAULT_CLASSES) -> dict:
@@ -68,21 +55,3 @@ def render(table: dict) -> str:
               f"frozen:PATH; kd needs one) is a {table['teacher_arch']} of "
               f"{table['teacher_bytes']:,} bytes ({table['teacher_bytes'] / 1024:,.1f} KB)."]
     return "\n".join(lines)
-
-
-def cmd_methods(args) -> int:
-    if args.classes < 1:
-        raise UserError(f"--classes must be at least 1, got {args.classes}")
-    table = method_table(_parse_input(args.input), args.classes)
-    print(json.dumps(table, indent=1) if args.json else render(table))
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("methods", help="list every learning term, its parameters and memory")
-    p.add_argument("--input", default="x".join(map(str, DEFAULT_INPUT)),
-                   help="sample shape CxHxW the memory figures assume (default 1x28x28)")
-    p.add_argument("--classes", type=int, default=DEFAULT_CLASSES,
-                   help="classes the student's head has (default 10)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_methods)

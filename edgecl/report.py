@@ -1,6 +1,7 @@
-"""Pictures (matplotlib, the `plot` extra): `edgecl report STATE_DIR` draws a daemon's story
-from its time series (edgecl/serve/timeseries.py), and `edgecl bench split-mnist --plot DIR`
-draws the benchmark's accuracy matrices and accuracy over the stream.
+"""Pictures (matplotlib, the `plot` extra): the figures `edgecl report STATE_DIR` draws of a
+daemon's story from its time series (edgecl/serve/timeseries.py; the command is
+edgecl/cli/report.py), and those `edgecl bench split-mnist --plot DIR` draws of the
+benchmark's accuracy matrices and accuracy over the stream.
 
 Figures are matplotlib Figures whose artists carry ids (`gid`): the HTML report inlines them
 as SVG with text kept as text, so a reader (and the tests) can find each class's line and
@@ -205,35 +206,6 @@ def write_html(story: Story, figures: dict, out: Path, state_dir: str) -> None:
                    "td,th{padding:2px 10px;text-align:right}</style></head><body>"
                    + summary_html(story, state_dir) + "".join(parts)
                    + f"<p><small>written {stamp}</small></p></body></html>\n")
-
-
-def cmd_report(args) -> int:
-    story = Story.load(args.state_dir)
-    figures = story_figures(story)
-    out = Path(args.out)
-    if out.suffix.lower() in (".html", ".htm"):
-        write_html(story, figures, out, args.state_dir)
-        print(f"wrote {out}")
-    else:
-        for path in write_images(figures, out, formats=tuple(args.format.split(","))):
-            print(f"wrote {path}")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("report", help="draw a daemon's story from its state directory",
-                       description="Prequential accuracy over the stream (overall and per "
-                                   "class), when each class appeared, each snapshot's held-out "
-                                   "accuracy (fp32 and int8), queue depth and learning rate "
-                                   "over time, from STATE_DIR/timeseries.jsonl. Needs the "
-                                   "'plot' extra (matplotlib).")
-    p.add_argument("state_dir", metavar="STATE_DIR")
-    p.add_argument("--out", default="report.html", metavar="PATH",
-                   help="an .html file (figures inline), or a directory for image files "
-                        "(default report.html)")
-    p.add_argument("--format", default="png", help="image formats for a directory --out, "
-                                                  "comma-separated: png, svg, pdf (default png)")
-    p.set_defaults(func=cmd_report)
 
 
 # ---------------------------------------------------------------------------- bench --plot

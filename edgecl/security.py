@@ -1,4 +1,5 @@
-"""CURVE keys: `edgecl keygen`, and loading key files for the daemon and its clients.
+"""CURVE keys: making them (`keygen`, the work of `edgecl keygen`), and loading key files for
+the daemon and its clients.
 
 ZeroMQ's CURVE encrypts every frame; with a ZAP handler (pyzmq's `zmq.auth`) the daemon also
 admits only clients whose public key it lists. Both the request (ROUTER) and announcement (PUB)
@@ -13,7 +14,6 @@ Every mistake with a key file is a one-line UserError, never a traceback or a si
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -241,18 +241,6 @@ def client_curve(server_key: str | None, key_pair: str | None) -> ClientCurve | 
                        load_key_pair(key_pair, "client key pair (--curve-key)"))
 
 
-def add_client_args(parser: argparse.ArgumentParser) -> None:
-    """The flags every client command takes to talk to a CURVE daemon."""
-    parser.add_argument("--curve-server-key", metavar="FILE",
-                        help="the daemon's public key (server.key); turns CURVE on")
-    parser.add_argument("--curve-key", metavar="FILE",
-                        help=f"this client's key pair (NAME{SECRET_SUFFIX} from edgecl keygen)")
-
-
-def client_curve_from_args(args: argparse.Namespace) -> ClientCurve | None:
-    return client_curve(args.curve_server_key, args.curve_key)
-
-
 # ------------------------------------------------------------------------------ keygen
 
 def keygen(directory: str | os.PathLike, name: str = SERVER_NAME,
@@ -283,29 +271,3 @@ def keygen(directory: str | os.PathLike, name: str = SERVER_NAME,
     except OSError as exc:
         raise UserError(f"cannot write keys in {directory}: {exc.strerror}") from None
     return public, secret
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "keygen", help="write a CURVE key pair for the daemon or a client",
-        description="Write DIR/NAME.key (public: hand it to the other side) and "
-                    "DIR/NAME.key_secret (secret, mode 0600: keep it where it was made). "
-                    "The daemon uses server.key_secret with --curve-secret and admits the "
-                    "clients whose .key files are in its --allow-clients directory.")
-    p.add_argument("directory", metavar="DIR")
-    p.add_argument("--name", default=SERVER_NAME,
-                   help=f"key pair name, e.g. a sensor's (default {SERVER_NAME!r})")
-    p.add_argument("--force", action="store_true", help="replace an existing pair")
-    p.set_defaults(func=cmd_keygen)
-
-
-def cmd_keygen(args: argparse.Namespace) -> int:
-    public, secret = keygen(args.directory, args.name, args.force)
-    print(f"wrote {public} (public) and {secret} (secret, keep it private)")
-    if args.name == SERVER_NAME:
-        print(f"daemon: edgecl serve --curve-secret {secret} --allow-clients DIR; "
-              f"give {public} to every client (--curve-server-key)")
-    else:
-        print(f"client: --curve-key {secret}; copy {public} into the daemon's "
-              "--allow-clients directory")
-    return 0

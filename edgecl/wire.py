@@ -350,10 +350,11 @@ class PushRequest:
     @property
     def spec(self) -> InputSpec:
         n, c, h, w = self.x.shape
-        return InputSpec(c, h, w, _dtype_name(self.x.dtype))
+        return InputSpec(c, h, w, dtype_name(self.x.dtype))
 
 
-def _dtype_name(dtype: np.dtype) -> str:
+def dtype_name(dtype: np.dtype) -> str:
+    """The wire name of a numpy dtype (the inverse of DTYPES); KeyError if it has none."""
     for name, dt in DTYPES.items():
         if dt == dtype:
             return name
@@ -394,10 +395,10 @@ def decode_push(header: dict, payload: Any, *, max_samples: int, max_bytes: int,
         raise WireError(ErrorCode.BAD_SHAPE,
                         f"'shape' must be [N, C, H, W] with ints in 1..{MAX_DIM}, "
                         f"got {show_value(shape, 80)}")
-    dtype_name = header["dtype"]
-    if dtype_name not in DTYPES:
+    wire_dtype = header["dtype"]
+    if wire_dtype not in DTYPES:
         raise WireError(ErrorCode.BAD_DTYPE,
-                        f"dtype {show_value(dtype_name)} is not supported; use one of "
+                        f"dtype {show_value(wire_dtype)} is not supported; use one of "
                         f"{sorted(DTYPES)}")
     n = shape[0]
     if n > max_samples:
@@ -411,23 +412,23 @@ def decode_push(header: dict, payload: Any, *, max_samples: int, max_bytes: int,
         raise WireError(ErrorCode.TOO_LARGE,
                         f"payload of {view.nbytes} bytes; this daemon takes at most {max_bytes} "
                         "per push, split the batch")
-    dtype = DTYPES[dtype_name]
+    dtype = DTYPES[wire_dtype]
     expected = n * shape[1] * shape[2] * shape[3] * dtype.itemsize
     if view.nbytes != expected:
         raise WireError(ErrorCode.BAD_SHAPE,
-                        f"payload has {view.nbytes} bytes but shape {shape} of {dtype_name} "
+                        f"payload has {view.nbytes} bytes but shape {shape} of {wire_dtype} "
                         f"needs {expected}")
     if spec is not None:
         if (shape[1], shape[2], shape[3]) != (spec.channels, spec.height, spec.width):
             raise WireError(ErrorCode.BAD_SHAPE,
                             f"samples are {shape[1:]} but this daemon learns "
                             f"[{spec.channels}, {spec.height}, {spec.width}] (C, H, W)")
-        if dtype_name != spec.dtype:
+        if wire_dtype != spec.dtype:
             raise WireError(ErrorCode.BAD_DTYPE,
-                            f"samples are {dtype_name} but this daemon learns {spec.dtype}")
+                            f"samples are {wire_dtype} but this daemon learns {spec.dtype}")
     labels = check_labels(header.get("labels"), n, max_label_chars)
     x = np.frombuffer(view, dtype=dtype).reshape(shape)
-    if dtype_name == "float32":
+    if wire_dtype == "float32":
         # One vectorised pass; NaN fails both comparisons, so it is caught too.
         if not (x.size == 0 or (float(x.min()) >= 0.0 and float(x.max()) <= 1.0)):
             raise WireError(ErrorCode.BAD_VALUE,
@@ -438,7 +439,7 @@ def decode_push(header: dict, payload: Any, *, max_samples: int, max_bytes: int,
 def push_header(sensor: str, seq: int, x: np.ndarray, labels: list, rid: Any = None) -> dict:
     """The header a client sends with `x` (N, C, H, W) as the payload frame."""
     header = {"v": PROTOCOL_VERSION, "op": "push", "sensor": sensor, "seq": int(seq),
-              "shape": [int(d) for d in x.shape], "dtype": _dtype_name(x.dtype),
+              "shape": [int(d) for d in x.shape], "dtype": dtype_name(x.dtype),
               "labels": labels}
     if rid is not None:
         header["rid"] = rid

@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgecl.client import DeviceClient
-from edgecl.export.snapshots import INT8_FILE, META_FILE
+from edgecl.files import INT8_FILE, META_FILE
 from edgecl.extras import missing_extras
 
 

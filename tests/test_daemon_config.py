@@ -7,7 +7,7 @@ import pytest
 
 from edgecl import config as cfg
 from edgecl.errors import UserError
-from edgecl.serve.commands import build_config, register
+from edgecl.cli.serve import build_config, register
 
 
 def parse(*argv) -> argparse.Namespace:

@@ -17,7 +17,7 @@ import torch
 from edgecl.client import SensorClient, get_status
 from edgecl.errors import UserError
 from edgecl.serve import journal as journal_mod
-from edgecl.serve.commands import format_status
+from edgecl.cli.status import format_status
 from edgecl.serve.daemon import Daemon
 from edgecl.serve.journal import Journal
 from edgecl.serve.queue import Batch

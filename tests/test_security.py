@@ -329,7 +329,7 @@ def test_role_directories_without_a_server_key_are_refused():
 
 
 def test_status_text_shows_refusals_by_role(tmp_path, role_keys, run_daemons):
-    from edgecl.serve.commands import format_status
+    from edgecl.cli.status import format_status
     keydir, dirs = role_keys
     daemon = run_daemons(role_config(tmp_path, keydir, dirs))
     assert _request(daemon.address, as_client(keydir, "sensor"), "snapshot.rollback") == \

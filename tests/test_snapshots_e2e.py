@@ -74,7 +74,7 @@ def test_pull_over_the_wire_and_infer(start_daemon, tmp_path):
     age = status["snapshot_age"]  # ack -> first published snapshot that learned it
     assert age["samples"] >= 100
     assert 0 <= age["queue_median_s"] <= age["median_s"] <= age["p95_s"]
-    from edgecl.serve.commands import format_status
+    from edgecl.cli.status import format_status
     assert "sample to snapshot median" in format_status(status, daemon.address)
 
     assert device.pull() == 1
@@ -159,7 +159,7 @@ def test_versions_monotonic_across_restart_and_parity_failure_blocks(start_daemo
         time.sleep(0.1)
     assert failure and "max |dlogit|" in failure["failures"][0]
     assert get_status(again.address)["snapshot_version"] == 1  # nothing was published
-    from edgecl.serve.commands import format_status
+    from edgecl.cli.status import format_status
     table = format_status(get_status(again.address), again.address)
     assert "last refused" in table and "max |dlogit|" in table
 
@@ -313,7 +313,7 @@ def test_cli_export_prints_the_gate_and_exits_per_outcome(start_daemon, capsys):
         stop.set()
         watcher.join(10)
     assert notes and "max |dlogit|" in notes[0]["failures"][0]
-    from edgecl.export.commands import rejection_line
+    from edgecl.cli.snapshots import rejection_line
     line = rejection_line(notes[0], 2)
     assert line.startswith(f"snapshot at {notes[0]['samples_learned']} samples rejected by the "
                            "parity gate, keeping version 2: fp32 ONNX vs torch")

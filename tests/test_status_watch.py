@@ -12,7 +12,7 @@ import time
 import pytest
 
 from edgecl.client import SensorClient
-from edgecl.serve.commands import REDRAW, rates_text
+from edgecl.cli.status import REDRAW, rates_text
 from export_helpers import blob_images
 from test_snapshots_e2e import make_config
 

@@ -1,9 +1,11 @@
 """Snapshots on the daemon: hold out a slice, export on a trigger, publish, serve devices.
 
-Attached by the daemon (`ATTACHMENTS`), it uses only the daemon's extension points:
+Built by the daemon in its learner thread (`start_snapshots`, when `[snapshots]` is enabled),
+it uses only the daemon's extension points:
 
-- The learner is wrapped so each batch first passes the HeldOutSlice: held-out samples are
-  never learned. Both run in the learner thread, the slice's only owner.
+- The daemon wraps its learner in a HeldOutRouter, so each batch first passes the
+  HeldOutSlice: held-out samples are never learned. Both run in the learner thread, the
+  slice's only owner.
 - A learner hook (learner thread) decides when a snapshot is due: every `every_samples`
   learned samples and/or every `every_s` seconds, or on request; never when nothing was
   learned since the last one. It copies the weights, labels, replay buffer and held-out slice
@@ -37,10 +39,10 @@ import numpy as np
 from edgecl.export.freshness import Freshness
 from edgecl.export.heldout import HeldOutSlice
 from edgecl.export.onnx import ParityThresholds, copy_model, export_student
-from edgecl.export.snapshots import (META_FILE, MODEL_FILES, SnapshotRejected, SnapshotStore,
-                                     sha256_bytes)
+from edgecl.export.snapshots import SnapshotRejected, SnapshotStore
 from edgecl.config import SnapshotConfig
 from edgecl.errors import UserError
+from edgecl.files import META_FILE, MODEL_FILES, sha256_bytes
 from edgecl.threads import lower_this_thread
 from edgecl.wire import ErrorCode, WireError
 
@@ -113,7 +115,7 @@ class SnapshotService:
         # What the learner had learned when we started (a restored checkpoint's count, or 0):
         # "nothing new learned" is judged against this, not against the newest snapshot,
         # which an earlier run may have made from a learner we no longer have.
-        self._last_samples = int(getattr(daemon.learner, "samples_learned", 0) or 0)
+        self._last_samples = int(daemon.learner.samples_learned)
         self._last_time = time.monotonic()  # when the last export ended (export thread)
         self._last_export_s = 0.0             # how long it took
         self._lock = threading.Lock()
@@ -379,13 +381,11 @@ class SnapshotService:
             heldout_samples=len(self.heldout), snapshot_age=self.freshness.summary())
 
 
-def attach(daemon) -> SnapshotService | None:
-    """The daemon's hook: wire snapshots in, per `[snapshots]` in the config."""
-    settings = daemon.config.snapshots
-    if not settings.enabled:
-        return None
-    service = SnapshotService(daemon, settings)
-    daemon.learner = HeldOutRouter(daemon.learner, service.heldout)
+def start_snapshots(daemon) -> SnapshotService:
+    """Snapshots for `daemon`, per its `[snapshots]` settings: the service, its ops, hooks and
+    checkpointed held-out slice registered. The daemon keeps the service and routes its
+    learner through `service.heldout` (HeldOutRouter)."""
+    service = SnapshotService(daemon, daemon.config.snapshots)
     daemon.add_state_part("heldout", service.heldout.state_dict, service.restore_heldout)
     daemon.add_learner_hook(service.on_step)
     daemon.add_idle_hook(lambda learner, samples: service.on_step(learner, samples, False))
@@ -393,5 +393,4 @@ def attach(daemon) -> SnapshotService | None:
     daemon.register_op("snapshot.chunk", service.op_chunk)
     daemon.register_op("snapshot.export", service.op_export, long_poll=True)
     daemon.register_op("snapshot.rollback", service.op_rollback)
-    daemon.snapshots = service
     return service

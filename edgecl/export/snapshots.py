@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -29,16 +28,16 @@ from pathlib import Path
 
 from edgecl import __version__
 from edgecl.errors import UserError
+# The file names and the integrity helpers live in the leaf edgecl.files; the names are kept
+# here too because callers have always imported them from the store.
+from edgecl.files import (FP32_FILE, INT8_FILE, META_FILE, MODEL_FILES, TMP_PREFIX,  # noqa: F401
+                          SnapshotCorrupt, fsync_dir, sha256_bytes, sha256_file, write_atomic,
+                          write_synced)
 
 log = logging.getLogger(__name__)
 
-FP32_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
-META_FILE = "meta.json"
-MODEL_FILES = (FP32_FILE, INT8_FILE)
 COUNTER_FILE = "VERSION"
 FAILURE_FILE = "last_failure.json"
-TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 
 
@@ -48,42 +47,6 @@ class SnapshotRejected(Exception):
     def __init__(self, message: str, report: dict):
         super().__init__(message)
         self.report = report
-
-
-class SnapshotCorrupt(UserError):
-    """A file on disk does not match the sha256 its meta.json records."""
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename over `path`, fsync the directory."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def snapshot_meta(result, samples_learned: int, extra: dict | None = None) -> dict:
@@ -225,8 +188,8 @@ class SnapshotStore:
                 shutil.rmtree(tmp)
             tmp.mkdir()
             for name, data in files.items():
-                _write_synced(tmp / name, data)
-            _write_synced(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
+                write_synced(tmp / name, data)
+            write_synced(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
             fsync_dir(tmp)
             # The counter first: a crash between the two lines skips a number, never reuses one.
             write_atomic(self.root / COUNTER_FILE, f"{version}\n".encode())
@@ -314,13 +277,6 @@ class SnapshotStore:
     def _describe_versions(self) -> str:
         versions = self.versions()
         return ", ".join(map(str, versions)) if versions else "none"
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _summary(meta: dict) -> dict:

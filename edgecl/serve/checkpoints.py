@@ -45,9 +45,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgecl.errors import UserError
-from edgecl.export.snapshots import TMP_PREFIX, write_atomic
+from edgecl.files import TMP_PREFIX, write_atomic
 from edgecl.serve.journal import DurableCounter, Journal
-from edgecl.serve.queue import Batch, SeenSequences
+from edgecl.serve.learning import HasSettings
+from edgecl.serve.queue import Batch, SeenSequences, joins_group
 
 log = logging.getLogger("edgecl.checkpoints")
 
@@ -289,7 +290,7 @@ class StateKeeper:
     """Restores the daemon at start, replays the journal, and checkpoints it as it learns.
 
     Parts other features keep in the checkpoint (the held-out slice) are registered with
-    `add_part(name, get_state, set_state)` and restored after every feature has attached.
+    `add_part(name, get_state, set_state)` and restored after every feature has started.
     """
 
     def __init__(self, daemon, journal: Journal, every_steps: int, every_s: float):
@@ -345,10 +346,8 @@ class StateKeeper:
         next_offset = max(next_offset, newest)
         self._record_firsts = [record.first for record in records]
         self._newest_at_start = newest
-        daemon._next_offset = next_offset
-        daemon.samples_duplicate = self.duplicates.value
-        daemon.samples_received = next_offset
-        daemon.batches_received = sum(first >= newest for first in self._record_firsts)
+        daemon.counts.restore_received(next_offset, self.duplicates.value,
+                                       sum(first >= newest for first in self._record_firsts))
         self.replay_end = next_offset
         self._publish()  # status has its checkpoint fields from the first request on
 
@@ -360,7 +359,7 @@ class StateKeeper:
         if loaded is not None:
             self._apply(*loaded)
         self._saved_covered = self.covered if loaded is not None else None
-        self._saved_steps = int(getattr(daemon.learner, "steps", 0) or 0)
+        self._saved_steps = daemon.learner.steps
         if loaded is not None or self.replay_end:
             log.info("restored: checkpoint %s covers %d samples; %d journaled samples to replay",
                      loaded[1].name if loaded else "(none)", self.covered,
@@ -370,7 +369,7 @@ class StateKeeper:
     def _apply(self, state: dict, path: Path) -> None:
         daemon = self.daemon
         learner_state = state["learner"]
-        configured = getattr(daemon.learner, "config", None)
+        configured = daemon.learner.config if isinstance(daemon.learner, HasSettings) else None
         if is_dataclass(configured):
             differ = sorted(k for k, v in asdict(configured).items()
                             if k != "threads" and learner_state["config"].get(k) != v)
@@ -386,9 +385,7 @@ class StateKeeper:
                             "the journal aside to start over") from None
         self.covered = int(state["covered"])
         counters = state["counters"]
-        daemon.samples_learned = int(counters["samples_learned"])
-        daemon.samples_failed = int(counters["samples_failed"])
-        daemon.samples_offered = int(counters.get("samples_offered", 0))  # none in older files
+        daemon.counts.restore_consumed(counters)
         self.batches_covered = int(counters["batches_covered"])
         self.covered_seen.load_state_dict(state["dedup"])
         # what the socket loop counted from the journal at start assumed the newest file
@@ -404,7 +401,7 @@ class StateKeeper:
         self._parts[name] = (get_state, set_state)
 
     def restore_parts(self) -> None:
-        """Hand each registered part its saved state (after every feature attached)."""
+        """Hand each registered part its saved state (after every feature started)."""
         for name, (_, set_state) in self._parts.items():
             if name in self._saved_parts:
                 set_state(self._saved_parts[name])
@@ -431,7 +428,7 @@ class StateKeeper:
             how, limit = learn, learn_batch
             if offer is not None and self.replay_end - batch.first - batch.n >= keep_samples:
                 how, limit = offer, OFFER_GROUP
-            if group and (how is not group_how or total + batch.n > limit):
+            if group and (how is not group_how or not joins_group(total, batch.n, limit)):
                 self._replay_group(group_how, group)
                 group, total = [], 0
             group.append(batch)
@@ -463,7 +460,7 @@ class StateKeeper:
     def maybe_save(self) -> None:
         """Checkpoint if `every_steps` learner steps or `every_s` seconds have passed since
         the last one and something new was learned."""
-        steps = int(getattr(self.daemon.learner, "steps", 0) or 0)
+        steps = self.daemon.learner.steps
         if (self.every_steps and steps - self._saved_steps >= self.every_steps) or \
                 (self.every_s and time.monotonic() - self._saved_at >= self.every_s):
             self.save()
@@ -482,10 +479,7 @@ class StateKeeper:
                 "format": FORMAT, "covered": self.covered, "created": time.time(),
                 "learner": daemon.learner.state_dict(),
                 "dedup": self.covered_seen.state_dict(),
-                "counters": {"samples_learned": daemon.samples_learned,
-                             "samples_offered": daemon.samples_offered,
-                             "samples_failed": daemon.samples_failed,
-                             "samples_duplicate": daemon.samples_duplicate,
+                "counters": {**daemon.counts.checkpointed(),
                              "batches_covered": self.batches_covered},
                 "parts": {name: get_state() for name, (get_state, _) in self._parts.items()},
                 "snapshot_version": daemon.status().get("snapshot_version"),
@@ -502,7 +496,7 @@ class StateKeeper:
             return
         seconds = time.perf_counter() - started
         self._saved_covered = self.covered
-        self._saved_steps = int(getattr(daemon.learner, "steps", 0) or 0)
+        self._saved_steps = daemon.learner.steps
         self._saved_at = time.monotonic()
         self.status.update(covered=self.covered, path=path.name, bytes=size,
                            seconds=round(seconds, 4), time=time.time(), error=None)

@@ -39,10 +39,11 @@ from typing import Iterator
 import msgpack
 import numpy as np
 
+from edgecl.config import FSYNC_POLICIES
 from edgecl.errors import UserError
-from edgecl.export.snapshots import fsync_dir
+from edgecl.files import fsync_dir
 from edgecl.serve.queue import Batch
-from edgecl.wire import DTYPES
+from edgecl.wire import DTYPES, dtype_name
 
 log = logging.getLogger("edgecl.journal")
 
@@ -50,7 +51,6 @@ MAGIC = b"EDGECLJ1"
 HEADER = struct.Struct("<II")            # body length, crc32(length bytes + body)
 MAX_RECORD_BYTES = 1 << 30               # a larger length field is corruption, not a record
 SUFFIX = ".wal"
-FSYNC_POLICIES = ("batch", "interval")
 
 
 class StorageError(Exception):
@@ -71,7 +71,7 @@ class RecordInfo:
 def encode(batch: Batch) -> bytes:
     """One record: header and msgpack body."""
     body = msgpack.packb({"sensor": batch.sensor, "seq": batch.seq, "first": batch.first,
-                          "shape": list(batch.x.shape), "dtype": _dtype_name(batch.x.dtype),
+                          "shape": list(batch.x.shape), "dtype": dtype_name(batch.x.dtype),
                           "labels": list(batch.labels),
                           "x": memoryview(np.ascontiguousarray(batch.x)).cast("B")},
                          use_bin_type=True)
@@ -99,13 +99,6 @@ def decode_all(path: Path, bodies: list[bytes]) -> Iterator[Batch]:
             log.warning("journal %s: record %d does not decode (%s: %s); the rest of this "
                         "segment is skipped", path.name, i, type(exc).__name__, exc)
             return
-
-
-def _dtype_name(dtype: np.dtype) -> str:
-    for name, known in DTYPES.items():
-        if np.dtype(dtype) == known:
-            return name
-    raise ValueError(f"dtype {dtype} has no wire name")
 
 
 def read_segment(path: Path) -> tuple[list[bytes], int, str | None]:

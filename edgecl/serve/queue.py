@@ -34,6 +34,14 @@ class Batch:
         return int(self.x.nbytes)
 
 
+def joins_group(group_samples: int, n: int, limit: int) -> bool:
+    """Whether a push of `n` samples joins the group of `group_samples` being gathered for one
+    learner call: yes unless it would take the group past `limit`; an empty group takes any
+    push. The live queue and the journal replay both group by this rule, so a replayed
+    stream is learned in the same steps as the live one would have been."""
+    return group_samples == 0 or group_samples + n <= limit
+
+
 class IngestQueue:
     """Accepted, not yet learned batches, bounded by `capacity_bytes`.
 
@@ -116,7 +124,7 @@ class IngestQueue:
                 return None
             taken: list[Batch] = []
             total = 0
-            while self._items and (not taken or total + self._items[0].n <= max_samples):
+            while self._items and joins_group(total, self._items[0].n, max_samples):
                 batch = self._items.popleft()
                 taken.append(batch)
                 total += batch.n

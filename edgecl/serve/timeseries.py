@@ -1,7 +1,7 @@
 """The daemon's story over time, for `edgecl report`: a bounded time series in the state
 directory (STATE/timeseries.jsonl) that survives restarts.
 
-Attached by the daemon (`ATTACHMENTS`); it only reads. A learner hook (learner thread, the
+Started by the daemon in its learner thread (`start_recorder`); it only reads. A learner hook (learner thread, the
 file's only writer) appends one JSON line:
 
 - a point every POINT_INTERVAL_S while the daemon runs (and one at shutdown): samples
@@ -25,7 +25,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from edgecl.export.snapshots import write_atomic
+from edgecl.files import write_atomic
 
 log = logging.getLogger("edgecl.timeseries")
 
@@ -98,8 +98,10 @@ class TimeSeries:
 class Recorder:
     """Reads the daemon's status and the learner in the learner thread; writes the series."""
 
-    def __init__(self, daemon, series: TimeSeries, interval_s: float | None = None):
+    def __init__(self, daemon, series: TimeSeries, interval_s: float | None = None,
+                 store=None):
         self.daemon, self.series = daemon, series
+        self.store = store  # the SnapshotStore, when snapshots are on: published versions
         self.interval_s = POINT_INTERVAL_S if interval_s is None else interval_s
         self._classes = {r["label"] for r in series.records if r["k"] == "class"}
         self._versions = {r["v"] for r in series.records if r["k"] == "snapshot"}
@@ -108,7 +110,7 @@ class Recorder:
         self._due = 0.0
 
     def on_step(self, learner, samples_learned: int, final: bool) -> None:
-        labels = getattr(learner, "labels", None) or ()
+        labels = learner.labels
         if len(labels) > len(self._classes):
             self._note_classes(labels, samples_learned)
         now = time.monotonic()
@@ -130,12 +132,11 @@ class Recorder:
                                     "t": round(time.time(), 3)})
 
     def _note_snapshots(self, status: dict) -> None:
-        store = getattr(getattr(self.daemon, "snapshots", None), "store", None)
         for version in status.get("snapshot_versions") or ():
-            if version in self._versions or store is None:
+            if version in self._versions or self.store is None:
                 continue
             self._versions.add(version)
-            meta = store.meta(version)
+            meta = self.store.meta(version)
             held = meta.get("heldout") or {}
             self.series.append({"k": "snapshot", "v": version, "n": meta.get("samples_learned"),
                                 "t": meta.get("created_unix"), "fp32": held.get("accuracy_fp32"),
@@ -178,13 +179,12 @@ def _unix(iso: str | None) -> float | None:
         return None
 
 
-def attach(daemon) -> Recorder:
-    """The daemon's hook: keep STATE/timeseries.jsonl."""
+def start_recorder(daemon, store=None) -> Recorder:
+    """Keep `daemon`'s STATE/timeseries.jsonl, with the snapshots published in `store`."""
     series = TimeSeries(Path(daemon.state_dir) / FILE)
     series.forget_after(daemon.samples_learned)
     series.append({"k": "start", "t": round(time.time(), 3), "n": daemon.samples_learned})
-    recorder = Recorder(daemon, series)
+    recorder = Recorder(daemon, series, store=store)
     daemon.add_learner_hook(recorder.on_step)
     daemon.add_idle_hook(recorder.on_idle)
-    daemon.timeseries = recorder
     return recorder

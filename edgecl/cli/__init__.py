@@ -1,4 +1,9 @@
-"""`edgecl <command>`: every subcommand registers itself from the module that owns its job."""
+"""`edgecl <command>`: the command line. All argument parsing lives in this package, one module
+per command group, each with `register(subparsers)`; the work is in the modules they call.
+`edgecl bench` is the exception: its flags stay with the benchmarks in edgecl/bench.py.
+
+Commands that need an extra (COMMAND_EXTRAS) import it only when run, so `edgecl --help`,
+push, status, pull and keygen work in the lean install."""
 from __future__ import annotations
 
 import argparse
@@ -12,13 +17,15 @@ from edgecl.extras import require_extras
 
 # Each module has `register(subparsers)`, adding parsers whose defaults set `func(args) -> int`.
 COMMAND_MODULES = [
-    "edgecl.bench",
-    "edgecl.demo",
-    "edgecl.serve.commands",
-    "edgecl.export.commands",
-    "edgecl.methods",
-    "edgecl.security",
-    "edgecl.report",
+    "edgecl.bench",            # bench split-mnist, bench realtime
+    "edgecl.cli.demo",
+    "edgecl.cli.serve",
+    "edgecl.cli.push",
+    "edgecl.cli.status",
+    "edgecl.cli.snapshots",    # pull, export, rollback
+    "edgecl.cli.methods",
+    "edgecl.cli.keygen",
+    "edgecl.cli.report",
 ]
 
 # Commands that need more than the lean client install, and the extras they need: without

@@ -1,5 +1,5 @@
-"""The daemon demo: a daemon on a free port, two simulated sensors streaming Split-MNIST,
-status printed while it learns, then a clean stop and a held-out score.
+"""`edgecl demo` (what `make demo` runs): a daemon on a free port, two simulated sensors
+streaming Split-MNIST, status printed while it learns, then a clean stop and a held-out score.
 
 Everything goes over the real wire (SensorClient, status requests); only the final score reads
 the learner directly, after the learner thread has finished with it.
@@ -35,6 +35,8 @@ def _stream(address: str, name: str, x: np.ndarray, y: list, batch: int, errors:
 
 def _pull_and_score(address: str, out_dir: str, stream) -> None:
     """Act as a device and print what it pulled and how it scores."""
+    from edgecl.client import pull_and_score
+
     scores = pull_and_score(address, out_dir, stream.test_x, stream.test_y)
     if scores is None:
         print("\nno snapshot was published (the parity gate refused it; see status)")
@@ -45,38 +47,6 @@ def _pull_and_score(address: str, out_dir: str, stream) -> None:
     for name in ("model.onnx", "model.int8.onnx"):
         print(f"  {name:16s} {scores[name]['bytes'] / 1024:7.0f} KB  onnxruntime accuracy on "
               f"the {len(stream.test_y):,} test digits: {scores[name]['accuracy']:.1%}")
-
-
-def pull_and_score(address: str, out_dir: str, test_x: np.ndarray, test_y: np.ndarray,
-                   wait_s: float = 120.0) -> dict | None:
-    """Ask for a fresh snapshot and wait until that export is settled, then pull the newest
-    published one over the wire (sha256-checked) as a device does, and score the fp32 and
-    int8 ONNX models with onnxruntime on the test samples. If the gate refused the fresh
-    one, the device gets the one before (`outcome` says which). None when no snapshot was
-    ever published."""
-    import json
-
-    import onnxruntime as ort
-
-    from edgecl.client import Connection
-    from edgecl.export.device import DeviceClient
-
-    with Connection(address, wait_s + 5, 0) as conn:
-        outcome = conn.request("snapshot.export", wait_ms=int(wait_s * 1000)).get("outcome")
-    device = DeviceClient(address, out_dir)
-    device.pull()
-    if device.local_version() is None:
-        return None
-    meta = json.loads((Path(out_dir) / "meta.json").read_text())
-    scores: dict = {"version": meta["version"], "outcome": outcome}
-    for name in ("model.onnx", "model.int8.onnx"):
-        session = ort.InferenceSession(str(Path(out_dir) / name),
-                                       providers=["CPUExecutionProvider"])
-        logits = session.run(None, {meta["input"]["name"]: test_x})[0]
-        predicted = np.asarray(meta["labels"])[logits.argmax(1)]
-        scores[name] = {"accuracy": float(np.mean(predicted == test_y)),
-                        "bytes": (Path(out_dir) / name).stat().st_size}
-    return scores
 
 
 @contextlib.contextmanager
@@ -95,26 +65,40 @@ def _state_dir(path: str | None):
     yield str(directory)
 
 
+def _print_status_until_learned(address: str, sensors: list, errors: list, started: float,
+                                every_s: float) -> None:
+    """Print the daemon's status every `every_s` until the sensors are done and every sample
+    they pushed is learned (or a sensor failed)."""
+    from edgecl.cli.status import format_status
+    from edgecl.client import get_status
+
+    while True:
+        time.sleep(every_s)
+        status = get_status(address)
+        print(f"\n--- {time.monotonic() - started:.0f} s ---\n"
+              + format_status(status, address), flush=True)
+        pushing = any(t.is_alive() for t in sensors)
+        if errors or (not pushing and status["samples_learned"]
+                      + status["samples_failed"] >= status["samples_received"]):
+            return
+
+
 def run_demo(args) -> int:
     """Options read from `args` when present: buffer (200), method ("derpp+ewcpp"),
     limit (all 4,000 training digits), batch (32), seed (0), status_every (2.0 s)."""
-    from edgecl.client import get_status
     from edgecl.config import Config
     from edgecl.data import split_mnist
-    from edgecl.serve.commands import format_status
     from edgecl.serve.daemon import Daemon
 
     buffer = getattr(args, "buffer", None) or 200
     method = getattr(args, "method", None) or "derpp+ewcpp"
-    limit = getattr(args, "limit", None)
     batch = getattr(args, "batch", None) or 32
     seed = getattr(args, "seed", None) or 0
     status_every = getattr(args, "status_every", None) or 2.0
 
     stream = split_mnist(seed=seed)
-    x, y = stream.train_x, stream.train_y.tolist()
-    if limit:
-        x, y = x[:limit], y[:limit]
+    limit = getattr(args, "limit", None) or len(stream.train_y)
+    x, y = stream.train_x[:limit], stream.train_y[:limit].tolist()
     with _state_dir(getattr(args, "state_dir", None)) as state_dir:
         config = Config()
         config.serve.port = 0
@@ -136,15 +120,7 @@ def run_demo(args) -> int:
         print(f"streaming {len(y)} Split-MNIST digits (pairs 0/1 ... 8/9 in order) from "
               f"{', '.join(SENSORS)}", flush=True)
         try:
-            while True:
-                time.sleep(status_every)
-                status = get_status(address)
-                print(f"\n--- {time.monotonic() - started:.0f} s ---\n"
-                      + format_status(status, address), flush=True)
-                pushing = any(t.is_alive() for t in sensors)
-                if errors or (not pushing and status["samples_learned"]
-                              + status["samples_failed"] >= status["samples_received"]):
-                    break
+            _print_status_until_learned(address, sensors, errors, started, status_every)
             if not errors:
                 _pull_and_score(address, f"{state_dir}/device", stream)
         finally:
@@ -166,3 +142,17 @@ def run_demo(args) -> int:
               + ", ".join(f"{a}/{b}: {acc:.0%}" for (a, b), acc in zip(stream.tasks, per_task))
               + ")")
         return 0 if exit_code == 0 else 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="stream Split-MNIST through a local daemon and score it")
+    p.add_argument("--method", default="derpp+ewcpp")
+    p.add_argument("--buffer", type=int, default=200)
+    p.add_argument("--limit", type=int, default=None, help="stream only the first N digits")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state-dir", dest="state_dir", default=None, metavar="DIR",
+                   help="keep the daemon's state here (new or empty), e.g. for "
+                        "`edgecl report DIR` (default: a temporary directory)")
+    p.add_argument("--status-every", dest="status_every", type=float, default=2.0,
+                   help="seconds between status lines")
+    p.set_defaults(func=run_demo)

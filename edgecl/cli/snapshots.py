@@ -1,5 +1,6 @@
-"""`edgecl pull`, `edgecl export`, `edgecl rollback`: argument parsing and printing only; the
-work is in edgecl.export.device and the daemon's snapshot ops."""
+"""`edgecl pull`, `edgecl export`, `edgecl rollback`: the snapshot commands. Argument parsing
+and printing only; the work is in edgecl.client (DeviceClient, Connection) and the daemon's
+snapshot ops."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,8 @@ import json
 import logging
 import threading
 
+from edgecl.cli.common import add_client_args, client_curve_from_args
 from edgecl.errors import UserError
-from edgecl.security import add_client_args, client_curve_from_args
 
 log = logging.getLogger("edgecl.pull")
 
@@ -77,8 +78,7 @@ def _unavailable(exc) -> UserError:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from edgecl.client import DaemonUnavailable, RequestRefused
-    from edgecl.export.device import DeviceClient
+    from edgecl.client import DaemonUnavailable, DeviceClient, RequestRefused
 
     client = DeviceClient(args.address, args.out, int8_only=args.int8_only,
                           timeout=args.timeout, retries=args.retries,

@@ -1,15 +1,9 @@
-"""Clients of the daemon, for the CLI and for users' own programs.
-
-- `SensorClient` pushes labeled samples: pipelined up to the daemon's credit, retried on
-  timeout with the same sequence numbers (Lazy Pirate), backing off on `busy`.
-- `Connection` is one request, one reply, with Lazy Pirate retries: `status`, `ping`, and the
-  snapshot ops a DeviceClient will use.
-
-Both speak docs/protocol.md over a DEALER socket; nothing here imports torch.
+"""`SensorClient`: push labeled samples to the daemon, pipelined up to its credit, resent on
+timeout with the same sequence numbers (the Lazy Pirate retry of edgecl.client.connection),
+backing off on `busy`. Nothing here imports torch.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import time
@@ -20,124 +14,10 @@ from typing import Any, Sequence
 import numpy as np
 import zmq
 
+from edgecl.client.connection import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, LazyPirate, RequestRefused
+from edgecl.data import as_sample_array
 from edgecl.security import ClientCurve
-from edgecl.wire import (PROTOCOL_VERSION, ErrorCode, pack, plain_label, push_header,
-                         unpack_reply)
-
-DEFAULT_TIMEOUT_S = 2.5
-DEFAULT_RETRIES = 3
-
-
-class DaemonError(Exception):
-    """Base of the errors a client raises about the daemon."""
-
-
-class DaemonUnavailable(DaemonError):
-    """No reply after every retry: the daemon is down, unreachable, or the address is wrong."""
-
-
-class RequestRefused(DaemonError):
-    """The daemon answered with an error it will give again for the same request."""
-
-    def __init__(self, code: str, message: str, seq: int | None = None):
-        where = f" (push seq {seq})" if seq is not None else ""
-        super().__init__(f"daemon refused{where}: {code}: {message}")
-        self.code = code
-        self.message = message
-        self.seq = seq
-
-
-# The name sensors see in their own code.
-PushRefused = RequestRefused
-
-
-def new_socket(ctx: zmq.Context, address: str, curve: ClientCurve | None = None,
-               kind: int = zmq.DEALER) -> zmq.Socket:
-    """A connected client socket; with `curve`, CURVE-encrypted and authenticated by key (a
-    daemon that does not admit the key never answers: the caller's timeout decides)."""
-    sock = ctx.socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
-    if curve is not None:
-        curve.apply(sock)
-    sock.connect(address)
-    return sock
-
-
-class Connection:
-    """Synchronous request/reply with Lazy Pirate retries (zguide ch. 4): on timeout, close the
-    socket, open a fresh one and resend, up to `retries` times."""
-
-    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S,
-                 retries: int = DEFAULT_RETRIES, context: zmq.Context | None = None,
-                 curve: ClientCurve | None = None):
-        self.address = address
-        self.timeout = timeout
-        self.retries = retries
-        self.curve = curve
-        self._ctx = context or zmq.Context.instance()
-        self._sock = new_socket(self._ctx, address, curve)
-        self._rids = itertools.count(1)
-
-    def request(self, op: str, payload: bytes | None = None, **fields) -> dict:
-        """Send one request and return the ok reply; RequestRefused on an error reply. A
-        `busy` reply (a full queue, a daemon still loading) is retried after its
-        `retry_after_ms` for as long as the timeouts of every try would have lasted."""
-        rid = next(self._rids)
-        frames = [pack({"v": PROTOCOL_VERSION, "op": op, "rid": rid, **fields})]
-        if payload is not None:
-            frames.append(payload)
-        busy_until = time.monotonic() + self.timeout * (self.retries + 1)
-        attempt = 0
-        while attempt <= self.retries:
-            reply = self._try(frames, rid)
-            if reply is None:
-                attempt += 1
-                self._sock.close(linger=0)
-                self._sock = new_socket(self._ctx, self.address, self.curve)
-            elif reply["ok"]:
-                return reply
-            elif reply.get("error") == "busy" and time.monotonic() < busy_until:
-                time.sleep(min(5.0, max(0.01, reply.get("retry_after_ms", 100) / 1000)))
-            else:
-                raise RequestRefused(reply.get("error", "?"), reply.get("message", ""))
-        raise DaemonUnavailable(f"no reply from {self.address} to {op!r} after "
-                                f"{self.retries + 1} tries of {self.timeout:g} s; is "
-                                "`edgecl serve` running there?")
-
-    def _try(self, frames: list, rid: int) -> dict | None:
-        """Send once; the reply to this request, or None if none came within the timeout."""
-        self._sock.send_multipart(frames)
-        deadline = time.monotonic() + self.timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if not self._sock.poll(int(left * 1000) + 1):
-                return None
-            reply = unpack_reply(self._sock.recv())
-            if reply.get("rid") == rid:
-                return reply  # anything else is a late answer to an earlier attempt
-        return None
-
-    def close(self) -> None:
-        self._sock.close(linger=0)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def get_status(address: str, timeout: float = DEFAULT_TIMEOUT_S,
-               retries: int = DEFAULT_RETRIES, curve: ClientCurve | None = None) -> dict:
-    """The daemon's status dict (schema in docs/protocol.md)."""
-    with Connection(address, timeout, retries, curve=curve) as conn:
-        return conn.request("status")["status"]
-
-
-def ping(address: str, timeout: float = DEFAULT_TIMEOUT_S, retries: int = 0,
-         curve: ClientCurve | None = None) -> dict:
-    with Connection(address, timeout, retries, curve=curve) as conn:
-        return conn.request("ping")
-
+from edgecl.wire import ErrorCode, pack, plain_label, push_header, unpack_reply
 
 @dataclass
 class PushStats:
@@ -195,8 +75,8 @@ class SensorClient:
         # Microseconds since the epoch: a restarted sensor with the same name never reuses a
         # sequence number the daemon may still remember.
         self._seq = time.time_ns() // 1000 if first_seq is None else int(first_seq)
-        self._ctx = context or zmq.Context.instance()
-        self._sock = new_socket(self._ctx, address, curve)
+        self._link = LazyPirate(context or zmq.Context.instance(), address, curve, timeout,
+                                retries)
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._credit = 1  # before the first reply (protocol.md, credit rules)
         self.stats = PushStats()
@@ -241,7 +121,7 @@ class SensorClient:
             if flush:
                 self.flush()
         finally:
-            self._sock.close(linger=0)
+            self._link.close()
 
     def __enter__(self):
         return self
@@ -262,17 +142,18 @@ class SensorClient:
         pending.deadline = now + self.timeout
         pending.resend_at = None
         try:
-            self._sock.send_multipart(pending.frames, flags=zmq.NOBLOCK, copy=False)
+            self._link.sock.send_multipart(pending.frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             pass  # local queue full (daemon away): the timeout path resends it
 
     def _pump(self, wait_s: float) -> None:
         """Take every reply that is there (waiting up to wait_s for the first), then resend
         what timed out or finished backing off."""
-        if self._sock.poll(int(wait_s * 1000)):
+        sock = self._link.sock
+        if sock.poll(int(wait_s * 1000)):
             while True:
                 try:
-                    frame = self._sock.recv(zmq.NOBLOCK)
+                    frame = sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 self._on_reply(unpack_reply(frame))
@@ -308,15 +189,12 @@ class SensorClient:
         if timed_out:
             for p in timed_out:
                 p.attempts += 1
-                if p.attempts > self.retries:
-                    raise DaemonUnavailable(
-                        f"no ack from {self.address} for push seq {p.seq} after "
-                        f"{self.retries + 1} tries of {self.timeout:g} s; "
-                        f"{len(self._pending)} batches unacked")
-            # Lazy Pirate: a fresh socket, then resend everything unacked on it (the old
-            # socket's queued messages and late replies are gone with it).
-            self._sock.close(linger=0)
-            self._sock = new_socket(self._ctx, self.address, self.curve)
+            oldest = max(timed_out, key=lambda p: p.attempts)  # the first to run out of tries
+            # A fresh socket, then everything unacked resent on it (the old socket's queued
+            # messages and late replies are gone with it).
+            self._link.timed_out(oldest.attempts,
+                                 f"no ack from {self.address} for push seq {oldest.seq}",
+                                 f"; {len(self._pending)} batches unacked")
             for p in self._pending.values():
                 if p.resend_at is None:
                     self.stats.retried += 1
@@ -337,18 +215,11 @@ def _as_batch(x, y) -> tuple[np.ndarray, list]:
         if isinstance(y, (np.ndarray,)):
             y = y.tolist()
         labels = [plain_label(label) for label in y]
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim != 4:
-        raise ValueError(f"samples must be (N, C, H, W) or (N, H, W), got shape {x.shape}")
+    x = as_sample_array(x, allow_hw=True, check_finite=False)
     if x.shape[0] == 0:
         raise ValueError("empty batch: nothing to push")
     if len(labels) != x.shape[0]:
         raise ValueError(f"{x.shape[0]} samples but {len(labels)} labels")
-    if x.dtype == np.float64:
-        x = x.astype(np.float32)
-    if x.dtype not in (np.uint8, np.float32):
-        raise ValueError(f"samples must be uint8 or float32 in [0, 1], got {x.dtype}")
     return np.ascontiguousarray(x), labels
 
 
@@ -357,7 +228,3 @@ def iter_batches(x: np.ndarray, labels: Sequence[Any], batch: int):
     for start in range(0, len(labels), batch):
         yield x[start:start + batch], labels[start:start + batch]
 
-
-# The device side (pull / watch snapshots) lives with the snapshot code; imported last because
-# it builds on Connection and the errors above.
-from edgecl.export.device import DeviceClient  # noqa: E402,F401
