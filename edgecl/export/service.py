@@ -191,7 +191,7 @@ class SnapshotService:
     def _copy(self, learner, learned: int, reason: str) -> _Job:
         n = len(learner.buffer)
         hx, hy = self.heldout.arrays()
-        return _Job(model=copy_model(learner.student), labels=list(learner.labels),
+        return _Job(model=copy_model(learner.eval_model()), labels=list(learner.labels),
                     input_shape=tuple(learner.input_shape),
                     input_dtype=str(getattr(learner, "input_dtype", None) or
                                     learner.buffer.x.dtype),
