@@ -24,8 +24,9 @@ import torch
 from edgecl.data import split_mnist
 from edgecl.learn import LearnerConfig, OnlineLearner
 
+WARMUP = 100
 TWO_DRAWS = {"derpp": {"shared_draw": False}}
-DEFAULT = "derpp+ewcpp (default: one shared draw, 2 iterations)"
+DEFAULT = f"derpp+ewcpp (default: one shared draw, {LearnerConfig().iterations} iterations)"
 CONFIGS = [
     ("finetune, 1 iteration", dict(method="finetune", iterations=1)),
     ("er, 1 iteration", dict(method="er", iterations=1)),
@@ -39,8 +40,15 @@ CONFIGS = [
                                             terms={"ewcpp": {"fisher_every": 50}})),
     ("default, channels_last off", dict(method="derpp+ewcpp", channels_last=False)),
     ("default + kd, online ResNet-20 teacher", dict(method="derpp+ewcpp+kd", teacher="online")),
+    ("derpp+ewcpp, shared draw, 2 iterations", dict(method="derpp+ewcpp", iterations=2)),
+    ("derpp+ewcpp, shared draw, 4 iterations", dict(method="derpp+ewcpp", iterations=4)),
+    # latent replay: the 28x28 layers (stem and the first two stages) frozen once the timed
+    # part starts, replayed samples enter past them
+    ("default + latent replay, 4 layers", dict(method="derpp+ewcpp", latent_layers=4,
+                                               latent_after=WARMUP)),
+    ("default + latent replay, 7 layers", dict(method="derpp+ewcpp", latent_layers=7,
+                                               latent_after=WARMUP)),
 ]
-WARMUP = 100
 
 
 def measure(config: dict, x, y, batch: int, cpu: bool = False):

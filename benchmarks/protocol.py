@@ -56,6 +56,23 @@ CANDIDATES = {
     "derpp+ewcpp/shared/iter2": _derpp(True, 2),  # the default since this table
     "derpp+ewcpp/shared/iter3": _derpp(True, 3),
     "derpp+ewcpp/shared/iter2/cbrs": _derpp(True, 2, buffer_policy="balanced"),
+    # round 2: sample efficiency (optimizer, BatchNorm, iterations) and latent replay
+    "derpp+ewcpp/shared/iter4": _derpp(True, 4),
+    "derpp+ewcpp/shared/iter2/lr0.1": _derpp(True, 2, lr=0.1),
+    "derpp+ewcpp/shared/iter2/bn0.6": _derpp(True, 2, bn_momentum=0.6),
+    "derpp+ewcpp/shared/iter2/bnrefresh": _derpp(True, 2, bn_refresh=True),
+    "derpp+ewcpp/shared/iter1/bnrefresh": _derpp(True, 1, bn_refresh=True),
+    "derpp+ewcpp/shared/iter2/adam1e-3": _derpp(True, 2, optimizer="adam", lr=0.001),
+    "derpp+ewcpp/shared/iter2/adam3e-3": _derpp(True, 2, optimizer="adam", lr=0.003),
+    "derpp+ewcpp/shared/iter2/adam1e-2/bn0.6": _derpp(True, 2, optimizer="adam", lr=0.01,
+                                                      bn_momentum=0.6),
+    "derpp+ewcpp/shared/iter2/adam3e-3/bn0.6": _derpp(True, 2, optimizer="adam", lr=0.003,
+                                                      bn_momentum=0.6),
+    "derpp+ewcpp/shared/iter4/adam3e-3": _derpp(True, 4, optimizer="adam", lr=0.003),
+    "derpp+ewcpp/shared/iter4/adam3e-3/latent4@400": _derpp(
+        True, 4, optimizer="adam", lr=0.003, latent_layers=4, latent_after=400),
+    "derpp+ewcpp/shared/iter4/latent4@400": _derpp(True, 4, latent_layers=4, latent_after=400),
+    "derpp+ewcpp/shared/iter4/latent4": _derpp(True, 4, latent_layers=4, latent_after=1000),
 }
 
 SHIFTS = {
@@ -166,6 +183,10 @@ def main() -> None:
     parser.add_argument("--write", metavar="MD", help="put the table in this file's "
                         "`protocol` section (BENCHMARKS.md), with the command and machine")
     parser.add_argument("--command", default="", help="the command line(s) to quote there")
+    parser.add_argument("--section", default="protocol", help="the BENCHMARKS.md section to "
+                        "write (a new name keeps an earlier round's table)")
+    parser.add_argument("--title", default="Robustness protocol: random class orders and "
+                        "cuts, shifts", help="that section's heading")
     args = parser.parse_args()
     orders = ([int(o) for o in args.orders.split(",") if o.strip()] if "," in args.orders
               else list(range(1, int(args.orders) + 1)) or [0])  # 0: the home cut alone
@@ -183,14 +204,15 @@ def main() -> None:
         plot(args.plot)
     if args.write:
         from sections import write_section
-        write_section(Path(args.write), "protocol", section_text(args.command, args.plot))
+        write_section(Path(args.write), args.section,
+                      section_text(args.command, args.plot, args.title))
 
 
-def section_text(command: str, plot_path: str | None) -> str:
+def section_text(command: str, plot_path: str | None, title: str) -> str:
     """The BENCHMARKS.md section: what ran, where, and the table (and figure)."""
     loads = [r["load_average"][0] for runs in load_results().values() for r in runs
              if "load_average" in r]
-    lines = ["## Robustness protocol: random class orders and cuts, shifts", "",
+    lines = [f"## {title}", "",
              "Each row: the candidate on K random orders (a random pairing of the ten digits, "
              "each with its own random 400/100 per-class cut) x seeds; one pass, task-free, "
              "batch 10, one torch thread per run, two runs at a time. Class-IL accuracy on the "

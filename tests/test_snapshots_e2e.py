@@ -26,7 +26,8 @@ def make_config(tmp_path, **snapshots) -> Config:
     config.serve.bind = "127.0.0.1"
     config.serve.state_dir = str(tmp_path / "state")
     config.serve.stats_interval_s = 0.05
-    config.learner = {"buffer_size": 40, "seed": 0, "method": "er", "threads": 1}
+    config.learner = {"buffer_size": 40, "seed": 0, "method": "er", "threads": 1,
+                      "iterations": 1}  # transport tests: one optimizer step per batch
     config.snapshots.every_samples = 100
     config.snapshots.every_s = 0  # versions appear only where a test expects them
     # A barely trained model flips int8 top-1 on near ties; these tests are about transport,

@@ -40,7 +40,7 @@ class LearnerConfig:
                                      # buffer before an eval-mode prediction or export
     stream_loss: str = "ce"          # 'ce' | 'ace': ER-ACE's asymmetric CE on the stream batch
     buffer_policy: str = "reservoir"  # 'reservoir' | 'balanced' (class-balanced, CBRS)
-    iterations: int = 2              # optimizer steps per incoming batch (fresh replay draws)
+    iterations: int = 4              # optimizer steps per incoming batch (fresh replay draws)
     predict_in_eval: bool = False    # prequential guess from a separate eval-mode forward
     logit_adjust: float = 0.0        # tau of the logit-adjusted softmax (0: off)
     prior_decay: float = 0.99        # per step, of the running class prior it adjusts by
