@@ -73,6 +73,7 @@ CANDIDATES = {
         True, 4, optimizer="adam", lr=0.003, latent_layers=4, latent_after=400),
     "derpp+ewcpp/shared/iter4/latent4@400": _derpp(True, 4, latent_layers=4, latent_after=400),
     "derpp+ewcpp/shared/iter4/latent4": _derpp(True, 4, latent_layers=4, latent_after=1000),
+    "er/iter4": dict(method="er", iterations=4),
 }
 
 SHIFTS = {

@@ -19,7 +19,8 @@ from edgecl.client import SensorClient, get_status
 
 PY = sys.executable
 SERVE_FLAGS = ["--bind", "127.0.0.1", "--method", "finetune", "--buffer-size", "20",
-               "--set", "learner.threads=1", "--stats-interval-s", "0.05"]
+               "--set", "learner.threads=1", "--stats-interval-s", "0.05",
+               "--set", "learner.iterations=1"]  # plumbing tests: one step per batch
 
 
 class ServeProcess:

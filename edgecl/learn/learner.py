@@ -327,13 +327,7 @@ class OnlineLearner:
         # the train-mode forward moves BatchNorm's running statistics before the loss is
         # known; a skipped step puts them back, so a non-finite batch cannot poison eval mode
         bn_before = {k: v.clone() for k, v in self.student.named_buffers()}
-        if zt is not None:
-            latents = torch.cat([part.latent for part in step.parts.values()])
-            step.logits = self.latent.suffix(self.student, latents)
-        elif self.student_taps:
-            step.logits, step.features = self.student(step.x, self.student_taps)
-        else:
-            step.logits = self.student(step.x)
+        self._forward(step, latent=zt is not None)
         predicted = step.logits_of("stream").detach().argmax(dim=1).numpy()
         loss = stream_cross_entropy(step.class_logits_of("stream"), step.labels_of("stream"),
                                     self.config.stream_loss)
@@ -364,6 +358,17 @@ class OnlineLearner:
         if self.steps - self.last_consolidation >= self.config.consolidate_every:
             self._consolidate()
         return value, predicted
+
+    def _forward(self, step: Step, latent: bool) -> None:
+        """The student's train-mode forward over the whole step (from the latents of every
+        part under latent replay), with the taps some term asked for."""
+        if latent:
+            latents = torch.cat([part.latent for part in step.parts.values()])
+            step.logits = self.latent.suffix(self.student, latents)
+        elif self.student_taps:
+            step.logits, step.features = self.student(step.x, self.student_taps)
+        else:
+            step.logits = self.student(step.x)
 
     def _keep(self, raw: np.ndarray, targets: np.ndarray, logits: np.ndarray,
               zt: torch.Tensor | None) -> None:

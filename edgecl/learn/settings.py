@@ -111,6 +111,15 @@ class LearnerConfig:
             raise ValueError("iterations must be >= 1")
         if self.offer_logits not in OFFER_LOGITS:
             raise ValueError(f"offer_logits must be one of {', '.join(OFFER_LOGITS)}")
+        self._validate_latent(names)
+        if self.consolidate_min_gap < 0:
+            raise ValueError("consolidate_min_gap must be >= 0")
+        if self.consolidate_every < 1:
+            raise ValueError("consolidate_every must be >= 1")
+
+    def _validate_latent(self, names: list[str]) -> None:
+        """Latent replay feeds replayed samples past the frozen layers: only terms that read
+        logits and the stream's raw inputs, no teacher, and statistics that stay put."""
         if self.latent_layers < 0 or self.latent_after < 0:
             raise ValueError("latent_layers and latent_after must be >= 0")
         if self.latent_layers and not set(names) <= LATENT_TERMS:
@@ -119,7 +128,3 @@ class LearnerConfig:
                              f"layers); method is {self.method!r}")
         if self.latent_layers and (self.teacher != "none" or self.bn_refresh):
             raise ValueError("latent_layers needs teacher 'none' and bn_refresh off")
-        if self.consolidate_min_gap < 0:
-            raise ValueError("consolidate_min_gap must be >= 0")
-        if self.consolidate_every < 1:
-            raise ValueError("consolidate_every must be >= 1")
