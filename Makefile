@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := server,data,images,plot,test
+EXTRAS := server,data,images,plot,federation,test
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench federate venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+federate: $(STAMP)
+	$(PY) -m edgecl federate local
 
 bench: $(STAMP)
 	$(PY) -m edgecl bench split-mnist --buffer 200 --seeds 0,1,2

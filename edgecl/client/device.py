@@ -244,7 +244,7 @@ def _pub_address(address: str) -> str:
 
 
 def pull_and_score(address: str, out_dir: str, test_x: np.ndarray, test_y: np.ndarray,
-                   wait_s: float = 120.0) -> dict | None:
+                   wait_s: float = 120.0, curve: ClientCurve | None = None) -> dict | None:
     """Ask for a fresh snapshot and wait until that export is settled, then pull the newest
     published one over the wire (sha256-checked) as a device does, and score the fp32 and
     int8 ONNX models with onnxruntime on the test samples. If the gate refused the fresh
@@ -252,9 +252,9 @@ def pull_and_score(address: str, out_dir: str, test_x: np.ndarray, test_y: np.nd
     ever published."""
     import onnxruntime as ort
 
-    with Connection(address, wait_s + 5, 0) as conn:
+    with Connection(address, wait_s + 5, 0, curve=curve) as conn:
         outcome = conn.request("snapshot.export", wait_ms=int(wait_s * 1000)).get("outcome")
-    device = DeviceClient(address, out_dir)
+    device = DeviceClient(address, out_dir, curve=curve)
     device.pull()
     if device.local_version() is None:
         return None

@@ -1,0 +1,177 @@
+"""Federation on Flower: sites that each see only some digits, before and after the rounds,
+beside one central daemon that saw everything.
+
+    .venv/bin/python benchmarks/federation.py [--train-per-class 200] [--rounds 10]
+        [--configs 3:disjoint,3:overlap,5:disjoint,5:overlap] [--fedavg 3:disjoint]
+        [--write BENCHMARKS.md]
+
+For each configuration (sites : split, edgecl/federation/trial.py):
+- before: each site's learner alone on its own stream (in process, the daemon's default
+  learner settings), scored on the test digits of all ten classes;
+- after 1, 3 and 10 rounds: a real local federation (`edgecl.federation.local`: a SuperLink,
+  a SuperNode and an `edgecl serve` daemon per site, TLS, node authentication and CURVE,
+  `flwr run`). Every site's stream is pushed at the start; between two rounds each site learns
+  about 1/rounds of it. After each round's merge every site exports a snapshot, which is
+  pulled over the wire and scored with onnxruntime (fp32) on the same test digits;
+- bytes sent per round (global model to every site, and every site's model back; Flower's
+  ArrayRecord sizes) and round time on loopback;
+- central: one learner (in process) on every site's samples, interleaved in the order the
+  sites' sensors push them.
+Configurations listed in --fedavg are also run with plain FedAvg.
+Results go to bench-results/federation/; --write renders the BENCHMARKS.md section.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from sections import write_section  # noqa: E402
+
+OUT = ROOT / "bench-results" / "federation"
+BATCH = 32
+
+
+def learn_alone(x: np.ndarray, y: np.ndarray, test_x, test_y, seed: int) -> float:
+    """The daemon's default learner, in process, one pass in pushes of BATCH."""
+    from edgecl.learn import OnlineLearner
+
+    learner = OnlineLearner(seed=seed, threads=1)
+    for start in range(0, len(y), BATCH):
+        learner.learn_many(x[start:start + BATCH], y[start:start + BATCH].tolist())
+    predicted = np.asarray(learner.predict_many(test_x))
+    return float(np.mean(predicted == test_y))
+
+
+def run_config(sites: int, split: str, strategy: str, args) -> dict:
+    from edgecl.federation.trial import run_trial, site_accuracy, site_streams
+
+    streams, test_x, test_y = site_streams(sites, split, args.seed, args.train_per_class)
+    t0 = time.time()
+    before = {s.name: learn_alone(s.x, s.y, test_x, test_y, args.seed) for s in streams}
+    work = Path(tempfile.mkdtemp(prefix="edgecl-fedbench-"))
+    print(f"{sites}:{split} {strategy}: alone {before} ({time.time() - t0:.0f} s); "
+          f"federating in {work}", flush=True)
+    trial = run_trial(work, sites, split, args.rounds, strategy, args.seed,
+                      args.train_per_class, progress=lambda line: print(line, flush=True))
+    rounds = trial.results["rounds"]
+    return {"sites": sites, "split": split, "strategy": strategy, "seed": args.seed,
+            "train_per_class": args.train_per_class, "rounds_run": args.rounds,
+            "classes": {s.name: s.classes for s in streams}, "before": before,
+            "after": {r: site_accuracy(trial.results, r) for r in range(1, args.rounds + 1)},
+            "bytes_down": {r: rounds[str(r)]["bytes_down"] for r in range(1, args.rounds + 1)},
+            "bytes_up": {r: rounds[str(r)]["bytes_up"] for r in range(1, args.rounds + 1)},
+            "round_s": {r: rounds[str(r)].get("seconds") for r in range(1, args.rounds + 1)},
+            "learned": trial.learned, "received": trial.received,
+            "wall_s": time.time() - t0}
+
+
+def run_central(args) -> dict:
+    from edgecl.federation.trial import interleaved, site_streams
+
+    streams, test_x, test_y = site_streams(3, "disjoint", args.seed, args.train_per_class)
+    x, y = interleaved(streams, args.rounds)
+    return {"accuracy": learn_alone(x, y, test_x, test_y, args.seed), "samples": len(y)}
+
+
+def mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def row(result: dict, central: float) -> str:
+    after = result["after"]
+    cells = [f"{result['sites']}", result["split"], result["strategy"],
+             f"{mean(result['before'].values()):.1%} (max {max(result['before'].values()):.1%})"]
+    for r in (1, 3, 10):
+        acc = after.get(str(r), after.get(r))
+        cells.append("–" if not acc else
+                     f"{mean(acc.values()):.1%} (worst {min(acc.values()):.1%})")
+    final = after.get(str(result["rounds_run"]), after.get(result["rounds_run"])) or {}
+    cells.append(f"{(mean(final.values()) - central) * 100:+.1f}" if final else "–")
+    down = mean(result["bytes_down"].values()) / 1e6
+    up = mean(result["bytes_up"].values()) / 1e6
+    cells += [f"{down:.1f} / {up:.1f}", f"{mean(result['round_s'].values()):.0f}",
+              "yes" if result["learned"] == result["received"] else "NO"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def render(results: list[dict], central: dict, command: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        "## Federation on Flower: many sites, one model",
+        "",
+        f"Command: `{command}`. Machine: {os.cpu_count()} cores ({cpu}), no GPU; every "
+        "daemon's learner on 1 thread (all cores but one), all sites, the SuperLink and the "
+        "SuperNodes on this one box, over loopback with TLS, node authentication and CURVE.",
+        f"Split-MNIST on MNIST-5k, {results[0]['train_per_class']} training digits per class, "
+        f"seed {results[0]['seed']}; the test set is the same 1,000 digits (100 per class) for "
+        "every site. Accuracy is each site's newest snapshot after that round's merge, pulled "
+        "over the wire and scored with onnxruntime (fp32), on all ten classes: the mean over "
+        "sites and the worst site. *Before*: each site's learner alone on its whole stream "
+        f"(its classes only). *Central*: one learner on every site's samples, interleaved as "
+        f"the sensors push them: {central['accuracy']:.1%}. Δ central: the last round's mean "
+        "minus central, in points. MB per round: global model sent to all sites / sites' "
+        "models back.",
+        "",
+        "| sites | split | strategy | before | after 1 round | after 3 | after 10 | Δ central "
+        "| MB per round (down / up) | round s | nothing acked lost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [row(r, central["accuracy"]) for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def parse_configs(text: str) -> list[tuple[int, str]]:
+    out = []
+    for item in filter(None, text.split(",")):
+        sites, _, split = item.partition(":")
+        out.append((int(sites), split or "disjoint"))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train-per-class", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--configs", default="3:disjoint,3:overlap,5:disjoint,5:overlap")
+    p.add_argument("--fedavg", default="3:disjoint")
+    p.add_argument("--render", action="store_true", help="only render the saved results")
+    p.add_argument("--write", metavar="MD", help="write the section into this file")
+    args = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    runs = [(s, sp, "class-aware") for s, sp in parse_configs(args.configs)]
+    runs += [(s, sp, "fedavg") for s, sp in parse_configs(args.fedavg)]
+    tag = f"tpc{args.train_per_class}-r{args.rounds}-s{args.seed}"
+    if not args.render:
+        central = run_central(args)
+        (OUT / f"central-{tag}.json").write_text(json.dumps(central))
+        print(f"central: {central}", flush=True)
+        for sites, split, strategy in runs:
+            result = run_config(sites, split, strategy, args)
+            (OUT / f"{sites}-{split}-{strategy}-{tag}.json").write_text(json.dumps(result))
+            print(row(result, central["accuracy"]), flush=True)
+    central = json.loads((OUT / f"central-{tag}.json").read_text())
+    results = [json.loads((OUT / f"{s}-{sp}-{st}-{tag}.json").read_text())
+               for s, sp, st in runs if (OUT / f"{s}-{sp}-{st}-{tag}.json").exists()]
+    text = render(results, central, "benchmarks/federation.py " + " ".join(sys.argv[1:]))
+    print(text)
+    if args.write:
+        write_section(Path(args.write), "federation", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
