@@ -120,7 +120,7 @@ def _merged_state(learner, labels: list, arrays: dict[str, np.ndarray], bn: str)
     state = learner.student.state_dict()
     site_rows = torch.tensor([learner.index[label] for label in labels], dtype=torch.long)
     for name, value in arrays.items():
-        tensor = torch.as_tensor(np.asarray(value, dtype=np.float32))
+        tensor = torch.from_numpy(np.array(value, dtype=np.float32))
         if is_head(name):
             merged = state[name].detach().clone()
             merged[site_rows] = tensor.to(merged.dtype)
