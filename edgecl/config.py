@@ -69,6 +69,8 @@ class ServeConfig:
     allow_sensors: str = ""          # directory of keys that may push only
     allow_devices: str = ""          # ... that may pull snapshots and hear announcements
     allow_admins: str = ""           # ... that may export, roll back and read status
+    allow_federation: str = ""       # ... that may read the model and merge a global one in
+                                     # (model.get, model.merge: a Flower client)
     require_curve: bool = False      # refuse to start without curve_secret and allow_clients
 
     def check(self) -> None:
@@ -93,11 +95,12 @@ class ServeConfig:
                 raise UserError(f"serve.{key}: must be an address such as 0.0.0.0 or "
                                 "127.0.0.1")
         key_dirs = (self.allow_clients, self.allow_sensors, self.allow_devices,
-                    self.allow_admins)
+                    self.allow_admins, self.allow_federation)
         if bool(self.curve_secret) != any(key_dirs):
             raise UserError("serve.curve_secret and the client key directories go together: "
                             "give --curve-secret KEYFILE with --allow-clients DIR (every role) "
-                            "or --allow-sensors / --allow-devices / --allow-admins, or none")
+                            "or --allow-sensors / --allow-devices / --allow-admins / "
+                            "--allow-federation, or none")
         if self.require_curve and not self.curve_secret:
             raise UserError("serve.require_curve is set but CURVE is not configured: give "
                             "--curve-secret KEYFILE --allow-clients DIR (see `edgecl keygen`)")
@@ -206,6 +209,22 @@ class CheckpointConfig:
                 raise UserError(f"checkpoints.{key}: must be >= 0, got {getattr(self, key)}")
 
 
+BN_MODES = ("global", "local", "refresh")  # federation.bn (edgecl.learn.merge applies them)
+
+
+@dataclass
+class FederationConfig:
+    """Merging a global model into this daemon's learner (model.merge; docs/learning.md)."""
+
+    bn: str = "global"                 # BatchNorm running statistics at a merge: "global"
+                                       # takes the merged model's, "local" keeps this site's,
+                                       # "refresh" re-estimates them from the replay buffer
+
+    def check(self) -> None:
+        if self.bn not in BN_MODES:
+            raise UserError(f"federation.bn: {self.bn!r} is not one of {', '.join(BN_MODES)}")
+
+
 def resolve_state_dir(configured: str) -> str:
     """The state directory: as configured, else systemd's $STATE_DIRECTORY (the first, if
     StateDirectory= names several), else ./state."""
@@ -219,6 +238,7 @@ class Config:
     snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
     # Keyword arguments for edgecl.learn.LearnerConfig; checked in learner_config().
     learner: dict = field(default_factory=dict)
 
@@ -228,6 +248,7 @@ class Config:
         self.snapshots.check()
         self.journal.check()
         self.checkpoints.check()
+        self.federation.check()
 
     def learner_config(self, validate: bool = True):
         """Build the LearnerConfig; an unknown or ill-typed key is a UserError naming it.
@@ -251,7 +272,8 @@ class Config:
 
 
 SECTIONS = {"serve": ServeConfig, "input": InputConfig, "snapshots": SnapshotConfig,
-            "journal": JournalConfig, "checkpoints": CheckpointConfig}
+            "journal": JournalConfig, "checkpoints": CheckpointConfig,
+            "federation": FederationConfig}
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:

@@ -38,11 +38,14 @@ KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_LOGGED_STRANGERS = 100  # distinct refused keys logged; beyond that only counted
 
 # Roles (docs/security.md): what a client key may ask for. A key listed in several role
-# directories has every role it is listed for; `serve.allow_clients` gives all three.
-ROLES = ("sensor", "device", "admin")
-OP_ROLES = {"push": "sensor",
-            "snapshot.info": "device", "snapshot.chunk": "device",
-            "snapshot.export": "admin", "snapshot.rollback": "admin", "status": "admin"}
+# directories has every role it is listed for; `serve.allow_clients` gives them all.
+ROLES = ("sensor", "device", "admin", "federation")
+# op -> the roles that may ask for it (any one of them suffices)
+OP_ROLES = {"push": ("sensor",),
+            "snapshot.info": ("device",), "snapshot.chunk": ("device",),
+            "snapshot.export": ("admin",), "snapshot.rollback": ("admin",),
+            "status": ("admin",),
+            "model.get": ("federation", "admin"), "model.merge": ("federation", "admin")}
 ANY_ROLE_OPS = ("ping",)     # liveness: every admitted key
 PUB_ROLES = ("device", "admin")  # who may subscribe to announcements
 PUB_ZAP_DOMAIN = "edgecl.announcements"
@@ -171,13 +174,13 @@ class ServerCurve:
             return
         key = frame.get("User-Id").encode("ascii")
         roles = self.roles.get(key, frozenset())
-        needed = OP_ROLES.get(op, "admin")
-        if needed in roles:
+        needed = OP_ROLES.get(op, ("admin",))
+        if roles & set(needed):
             return
         self._count_role_refusal(roles)
         raise WireError(ErrorCode.FORBIDDEN,
-                        f"op {op!r} needs the {needed} role; this client's key has "
-                        f"{' and '.join(sorted(roles)) or 'no role'}")
+                        f"op {op!r} needs the {' or '.join(needed)} role; this client's key "
+                        f"has {' and '.join(sorted(roles)) or 'no role'}")
 
     def _count_role_refusal(self, roles) -> None:
         with self._lock:
@@ -185,14 +188,16 @@ class ServerCurve:
                 self.refused_by_role[role] += 1
 
 
-ROLE_SETTINGS = {"sensor": "allow_sensors", "device": "allow_devices", "admin": "allow_admins"}
+ROLE_SETTINGS = {"sensor": "allow_sensors", "device": "allow_devices", "admin": "allow_admins",
+                 "federation": "allow_federation"}
 
 
 def server_curve(serve) -> ServerCurve | None:
     """The daemon's CURVE setup from `serve.curve_secret` and the key directories, or None.
 
     `serve.allow_clients` keys get every role (the setup from before roles), with a warning;
-    `serve.allow_sensors` / `allow_devices` / `allow_admins` keys get that one role."""
+    `serve.allow_sensors` / `allow_devices` / `allow_admins` / `allow_federation` keys get
+    that one role."""
     if not serve.curve_secret:
         return None
     keys = load_key_pair(serve.curve_secret, "server key pair (--curve-secret)")
@@ -203,8 +208,9 @@ def server_curve(serve) -> ServerCurve | None:
             roles[key] = set(ROLES)
         dirs.append(serve.allow_clients)
         log.warning("every key in %s (serve.allow_clients) has every role: it may push, pull, "
-                    "export, roll back and read status. Give each client only its role with "
-                    "serve.allow_sensors / allow_devices / allow_admins (docs/security.md)",
+                    "export, roll back, read status and read or merge the model. Give each "
+                    "client only its role with serve.allow_sensors / allow_devices / "
+                    "allow_admins / allow_federation (docs/security.md)",
                     serve.allow_clients)
     for role, setting in ROLE_SETTINGS.items():
         directory = getattr(serve, setting, "")

@@ -5,7 +5,8 @@ touches a socket or torch, so it is cheap to test and to reuse from any client.
 
 A request is one or two ZeroMQ frames after the routing envelope:
     [header: msgpack map]                  ping, status
-    [header: msgpack map, payload: bytes]  push (a C-contiguous array, little-endian)
+    [header: msgpack map, payload: bytes]  push (a C-contiguous array, little-endian),
+                                           model.merge (float32 arrays, concatenated)
 A reply is always one msgpack map frame.
 """
 from __future__ import annotations
@@ -46,11 +47,12 @@ class ErrorCode:
     BUSY = "busy"                    # queue full: nothing was accepted, retry after retry_after_ms
     SHUTTING_DOWN = "shutting_down"  # daemon is draining: nothing was accepted, try again later
     NOT_FOUND = "not_found"          # a snapshot version or file that is not (or no longer) there
+    NO_MODEL = "no_model"            # model.get/merge before the daemon has a student (nothing learned)
     STORAGE = "storage"              # the journal could not be written (disk full, unwritable)
     INTERNAL = "internal"            # a fault in edgecl itself; the daemon logged a traceback
 
     ALL = (BAD_REQUEST, BAD_VERSION, UNKNOWN_OP, FORBIDDEN, BAD_SHAPE, BAD_DTYPE, BAD_VALUE, BAD_LABEL,
-           TOO_LARGE, TOO_MANY_CLASSES, BUSY, SHUTTING_DOWN, NOT_FOUND, STORAGE, INTERNAL)
+           TOO_LARGE, TOO_MANY_CLASSES, BUSY, SHUTTING_DOWN, NOT_FOUND, NO_MODEL, STORAGE, INTERNAL)
     RETRYABLE = (BUSY, SHUTTING_DOWN)
 
 
@@ -188,6 +190,7 @@ def _open(pending: list, count: int, pos: int, end: int, max_depth: int) -> int:
 
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 MAX_RID_CHARS = 256
+MAX_MERGE_ID_CHARS = 128
 _SCALAR_TYPES = (bool, int, float, str, bytes)
 
 
@@ -235,7 +238,20 @@ OP_FIELDS: dict[str, dict[str, Field]] = {
     },
     "snapshot.export": {"wait_ms": WAIT_FIELD},
     "snapshot.rollback": {"to": VERSION_FIELD},
+    "model.get": {"wait_ms": WAIT_FIELD},
+    "model.merge": {
+        "labels": Field(list, True, 1, INT64_MAX, ErrorCode.BAD_LABEL,
+                        "an array of the global model's labels, in its head order"),
+        "arrays": Field(list, True, 1, INT64_MAX,
+                        what="an array of {name, dtype, shape} maps, one per array"),
+        "counts": Field(list, low=1, high=INT64_MAX, what="an array of ints, one per label"),
+        "merge_id": Field(str, low=1, high=MAX_MERGE_ID_CHARS,
+                          what=f"a str of 1..{MAX_MERGE_ID_CHARS} chars"),
+        "wait_ms": WAIT_FIELD,
+    },
 }
+# Ops whose request carries a payload frame: push (the samples), model.merge (the weights).
+PAYLOAD_OPS = {"push": "the samples", "model.merge": "the arrays' float32 bytes"}
 
 
 def check_field(header: dict, name: str, field: Field) -> Any:
@@ -281,14 +297,15 @@ def request_rid(header: Any) -> Any:
 
 
 def check_frames(op: str, frames: int) -> None:
-    """A payload frame is for push only: push takes exactly 2 frames, every other op 1."""
-    expected = 2 if op == "push" else 1
+    """A payload frame is for PAYLOAD_OPS only (push, model.merge): they take exactly 2
+    frames, every other op 1."""
+    expected = 2 if op in PAYLOAD_OPS else 1
     if frames == expected:
         return
-    if op == "push":
+    if op in PAYLOAD_OPS:
         raise WireError(ErrorCode.BAD_REQUEST,
-                        f"push takes a header frame and a payload frame holding the samples, "
-                        f"got {frames} frames")
+                        f"{op} takes a header frame and a payload frame holding "
+                        f"{PAYLOAD_OPS[op]}, got {frames} frames")
     raise WireError(ErrorCode.BAD_REQUEST,
                     f"op {op!r} takes only a header frame, got {frames} frames")
 

@@ -215,9 +215,12 @@ def test_cli_clients_take_their_keys(tmp_path, keys, run_daemons, capsys):
 
 # ------------------------------------------------------------------------------ roles
 
-ROLE_OPS = {"push": "sensor", "snapshot.info": "device", "snapshot.chunk": "device",
-            "snapshot.export": "admin", "snapshot.rollback": "admin", "status": "admin",
-            "ping": None}
+ROLE_OPS = {"push": ("sensor",), "snapshot.info": ("device",), "snapshot.chunk": ("device",),
+            "snapshot.export": ("admin",), "snapshot.rollback": ("admin",),
+            "status": ("admin",), "model.get": ("federation", "admin"),
+            "model.merge": ("federation", "admin"), "ping": None}
+# Answers that show the role was let through (no sample was learned: there is no model yet).
+LET_THROUGH = {"model.get": ("no_model",), "model.merge": ("no_model",)}
 
 
 @pytest.fixture
@@ -226,7 +229,7 @@ def role_keys(tmp_path):
     keydir = tmp_path / "keys"
     keygen(keydir)
     dirs = {}
-    for role in ("sensor", "device", "admin"):
+    for role in ("sensor", "device", "admin", "federation"):
         public, _ = keygen(keydir, role)
         dirs[role] = tmp_path / f"{role}s"
         dirs[role].mkdir()
@@ -240,13 +243,17 @@ def role_config(tmp_path, keydir, dirs) -> Config:
     config.serve.allow_sensors = str(dirs["sensor"])
     config.serve.allow_devices = str(dirs["device"])
     config.serve.allow_admins = str(dirs["admin"])
+    config.serve.allow_federation = str(dirs["federation"])
     return config
 
 
 def _request(address, curve, op) -> str:
     """One request as `op` needs it; returns "ok" or the error code."""
-    fields = {"snapshot.chunk": {"version": 1, "file": "meta.json"}}.get(op, {})
-    payload = None
+    fields = {"snapshot.chunk": {"version": 1, "file": "meta.json"},
+              "model.merge": {"labels": [0], "arrays": [{"name": "head.bias",
+                                                         "dtype": "float32", "shape": [1]}]},
+              }.get(op, {})
+    payload = b"\x00" * 4 if op == "model.merge" else None
     if op == "push":
         from edgecl.wire import push_header
         fields = {k: v for k, v in push_header("cam", time.time_ns(), X, Y).items()
@@ -260,7 +267,7 @@ def _request(address, curve, op) -> str:
             return exc.code
 
 
-@pytest.mark.parametrize("role", ["sensor", "device", "admin"])
+@pytest.mark.parametrize("role", ["sensor", "device", "admin", "federation"])
 def test_each_role_may_do_its_ops_and_is_refused_the_others(tmp_path, role_keys, run_daemons,
                                                             role):
     keydir, dirs = role_keys
@@ -272,10 +279,10 @@ def test_each_role_may_do_its_ops_and_is_refused_the_others(tmp_path, role_keys,
     refused = 0
     for op, needed in ROLE_OPS.items():
         got = _request(daemon.address, curve, op)
-        if needed is None or needed == role:
+        if needed is None or role in needed:
             assert got != "forbidden", (role, op, got)
             if op != "snapshot.chunk":   # a fake version's meta may be pruned; any answer
-                assert got == "ok", (role, op, got)
+                assert got in ("ok", *LET_THROUGH.get(op, ())), (role, op, got)
         else:
             assert got == "forbidden", (role, op, got)
             refused += 1
@@ -316,9 +323,10 @@ def test_a_single_directory_keeps_every_role_and_warns(tmp_path, keys, run_daemo
     assert any("has every role" in r.getMessage() for r in caplog.records)
     curve = as_client(keydir, "cam1")
     for op in ROLE_OPS:
-        assert _request(daemon.address, curve, op) in ("ok", "bad_request", "not_found")
+        assert _request(daemon.address, curve, op) in ("ok", "bad_request", "not_found",
+                                                       "no_model")
     assert get_status(daemon.address, curve=curve)["refused_by_role"] == {
-        "sensor": 0, "device": 0, "admin": 0}
+        "sensor": 0, "device": 0, "admin": 0, "federation": 0}
 
 
 def test_role_directories_without_a_server_key_are_refused():

@@ -114,12 +114,20 @@ DOCUMENTED_FIELDS = {
     "snapshot.chunk": {"version": ErrorCode.BAD_REQUEST, "file": ErrorCode.BAD_REQUEST,
                        "offset": ErrorCode.BAD_REQUEST, "size": ErrorCode.BAD_REQUEST},
     "snapshot.rollback": {"to": ErrorCode.BAD_REQUEST},
+    "model.get": {"wait_ms": ErrorCode.BAD_REQUEST},
+    "model.merge": {"labels": ErrorCode.BAD_LABEL, "arrays": ErrorCode.BAD_REQUEST,
+                    "counts": ErrorCode.BAD_REQUEST, "merge_id": ErrorCode.BAD_REQUEST,
+                    "wait_ms": ErrorCode.BAD_REQUEST},
 }
 GOOD = {"push": {"sensor": "s", "seq": 1, "shape": [1, 1, 2, 2], "dtype": "uint8",
                  "labels": [0]},
         "snapshot.info": {"since": 0, "wait_ms": 0},
         "snapshot.chunk": {"version": 1, "file": "model.onnx", "offset": 0, "size": 1},
-        "snapshot.rollback": {"to": 1}}
+        "snapshot.rollback": {"to": 1},
+        "model.get": {"wait_ms": 0},
+        "model.merge": {"labels": [0], "arrays": [{"name": "w", "dtype": "float32",
+                                                   "shape": [1]}],
+                        "counts": [1], "merge_id": "r1", "wait_ms": 0}}
 WRONG_TYPES = [[1], [], {"a": 1}, {}, b"xy", 1.5, float("nan"), True, [[1]], {1: [2]}]
 
 
@@ -131,8 +139,9 @@ def test_every_field_refuses_every_wrong_type_with_its_code(op, name, value):
     assert set(OP_FIELDS[op]) == set(DOCUMENTED_FIELDS[op]), "a field is undocumented"
     header = {"v": PROTOCOL_VERSION, "op": op, **GOOD[op]}
     assert check_header(header) == header  # the good header passes
-    if name == "labels" and isinstance(value, list):
-        return  # a list is the right type for labels; its items are checked by decode_push
+    if name in ("labels", "arrays", "counts") and isinstance(value, list) and (
+            value or (op, name) == ("push", "labels")):
+        return  # the right type; the items are checked by decode_push / the merge checks
     assert _code(lambda: check_header({**header, name: value})) == DOCUMENTED_FIELDS[op][name]
 
 

@@ -3,6 +3,7 @@
 - `connection`: sockets, the one Lazy Pirate retry, `Connection` (request/reply), the errors.
 - `sensor`: `SensorClient`, which pushes labeled samples.
 - `device`: `DeviceClient`, which pulls and follows ONNX snapshots (and `pull_and_score`).
+- `federation`: `ModelClient`, which reads the site's model and merges a global one in.
 
 Everything a program needs is importable from `edgecl.client` itself.
 """
@@ -10,9 +11,11 @@ from edgecl.client.connection import (DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Connec
                                       DaemonError, DaemonUnavailable, LazyPirate, PushRefused,
                                       RequestRefused, get_status, new_socket, ping)
 from edgecl.client.device import DeviceClient, pull_and_score, verify_installed
+from edgecl.client.federation import ModelClient, SiteModel
 from edgecl.client.sensor import PushStats, SensorClient, _as_batch, iter_batches
 
 __all__ = ["DEFAULT_RETRIES", "DEFAULT_TIMEOUT_S", "Connection", "DaemonError",
-           "DaemonUnavailable", "DeviceClient", "LazyPirate", "PushRefused", "PushStats",
-           "RequestRefused", "SensorClient", "get_status", "iter_batches", "new_socket", "ping",
-           "pull_and_score", "verify_installed", "_as_batch"]
+           "DaemonUnavailable", "DeviceClient", "LazyPirate", "ModelClient", "PushRefused",
+           "PushStats", "RequestRefused", "SensorClient", "SiteModel", "get_status",
+           "iter_batches", "new_socket", "ping", "pull_and_score", "verify_installed",
+           "_as_batch"]

@@ -8,8 +8,9 @@ it uses only the daemon's extension points:
   slice's only owner.
 - A learner hook (learner thread) decides when a snapshot is due: every `every_samples`
   learned samples and/or every `every_s` seconds, or on request; never when nothing was
-  learned since the last one. It copies the weights, labels, replay buffer and held-out slice
-  (learning pauses only for the copy) and hands them to the export thread.
+  learned since the last one, unless a merged global model changed the weights (trigger
+  `merge`). It copies the weights, labels, replay buffer and held-out slice (learning
+  pauses only for the copy) and hands them to the export thread.
 - The export thread runs export + int8 + parity gate and publishes to the SnapshotStore, then
   announces the version on the PUB socket (topic `snapshot`). A rejected snapshot is logged
   and shown in status (`snapshot_last_failure`).
@@ -110,6 +111,7 @@ class SnapshotService:
         self.heldout = HeldOutSlice(settings.heldout_every, settings.heldout_per_class)
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
         self._requested = threading.Event()
+        self._changed = threading.Event()  # the model changed without learning (a merge)
         self._idle = threading.Event()
         self._idle.set()
         # What the learner had learned when we started (a restored checkpoint's count, or 0):
@@ -148,6 +150,7 @@ class SnapshotService:
                 self._settle_nothing_new(learned)
             return
         job = self._copy(learner, learned, reason)
+        self._changed.clear()
         job.covered = self.freshness.take()
         with self._lock:
             job.ticket = self._tickets
@@ -156,7 +159,14 @@ class SnapshotService:
         self._idle.clear()
         self._jobs.put(job)
 
+    def model_changed(self) -> None:
+        """Learner thread: the weights changed without new samples (a merged global model),
+        so the next step or idle turn exports although nothing new was learned."""
+        self._changed.set()
+
     def _due(self, learned: int) -> str | None:
+        if self._changed.is_set():
+            return "merge"
         if learned <= self._last_samples:
             return None  # nothing learned since the last snapshot
         s, scale = self.settings, self._period_scale

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.data import as_sample_array
+from edgecl.learn import merge
 from edgecl.learn.buffer import ReservoirBuffer
 from edgecl.learn.latent import LatentReplay
 from edgecl.learn.metrics import PrequentialAccuracy
@@ -65,6 +66,9 @@ class OnlineLearner:
         self.samples_learned = 0
         self.samples_offered = 0  # offered to the buffer without training (offer_many)
         self.skipped_steps = 0
+        self.class_counts: list[int] = []  # samples learned per class, head order
+        self.merges = 0            # global models merged in (edgecl/learn/merge.py)
+        self.samples_at_merge = 0  # samples_learned when the last merge was applied
         self.last_loss = float("nan")
         self._step_seconds = 0.0
         self._steps_timed = 0
@@ -99,9 +103,29 @@ class OnlineLearner:
             self._learn_step(raw, xt, targets, keep=False, zt=zt)
         correct = self.prequential.update(targets, predicted if early is None else early)
         self.samples_learned += len(raw)
+        self._count_classes(targets)
         self._step_seconds += time.perf_counter() - started
         self._steps_timed += 1
         return {"n": len(raw), "correct": correct, "loss": loss}
+
+    def _count_classes(self, targets: np.ndarray) -> None:
+        """Per-class learned counts, head order: what an aggregator weighs each class by."""
+        counts = np.bincount(targets, minlength=len(self.labels))
+        self.class_counts = [a + int(b) for a, b in
+                             zip(self.class_counts + [0] * (len(counts) - len(self.class_counts)),
+                                 counts)]
+
+    @property
+    def learned_since_merge(self) -> int:
+        return self.samples_learned - self.samples_at_merge
+
+    def model_arrays(self) -> list:
+        """The student's floating arrays as numpy copies, state_dict order (merge.py)."""
+        return merge.student_arrays(self)
+
+    def merge_global(self, labels: Sequence, arrays: dict, bn: str = "global") -> dict:
+        """Merge a global model into this learner (merge.py): labels aligned by name."""
+        return merge.merge_into(self, list(labels), arrays, bn, refresh=refresh_batchnorm)
 
     def offer_many(self, x, y: Sequence) -> int:
         """Offer samples to the replay buffer without a gradient step: what a learner that
@@ -481,7 +505,9 @@ class OnlineLearner:
             "counters": {"steps": self.steps, "samples_learned": self.samples_learned,
                          "samples_offered": self.samples_offered,
                          "skipped_steps": self.skipped_steps,
-                         "last_consolidation": self.last_consolidation},
+                         "last_consolidation": self.last_consolidation,
+                         "class_counts": list(self.class_counts), "merges": self.merges,
+                         "samples_at_merge": self.samples_at_merge},
             "label_prior": self.label_prior.clone(),
             "latent": self.latent.state_dict(),
             "numpy_rng": self.rng.bit_generator.state,
@@ -521,6 +547,7 @@ class OnlineLearner:
         self.samples_offered = counters.get("samples_offered", 0)  # older checkpoints: none
         self.skipped_steps = counters["skipped_steps"]
         self.last_consolidation = counters["last_consolidation"]
+        self._load_merge_counters(counters)
         self.label_prior = state.get("label_prior", torch.zeros(0)).clone()
         self.latent = LatentReplay(self.config.latent_layers, self.config.latent_after)
         if state.get("latent", {}).get("frozen") and self.student is not None:
@@ -528,6 +555,17 @@ class OnlineLearner:
             self.latent.freeze(self.student, self.buffer, self._to_tensor)
         self.rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
+
+    def _load_merge_counters(self, counters: dict) -> None:
+        """Checkpoints before federation (0.1.0) have no per-class counts: they are the
+        prequential totals, which count every learned sample once, before it was learned."""
+        counts = counters.get("class_counts")
+        if counts is None:
+            totals = self.prequential.per_class
+            counts = [int(totals.get(k, (0, 0))[1]) for k in range(len(self.labels))]
+        self.class_counts = [int(c) for c in counts] + [0] * (len(self.labels) - len(counts))
+        self.merges = int(counters.get("merges", 0))
+        self.samples_at_merge = int(counters.get("samples_at_merge", 0))
 
 
 def stream_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:

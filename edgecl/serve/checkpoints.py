@@ -316,6 +316,7 @@ class StateKeeper:
         self._record_firsts: list[int] = []  # journal records at start (batch counts)
         self._newest_at_start = 0
         self._saved_covered: int | None = None
+        self._changed = False  # the learner changed without new samples (a merge)
         self._saved_steps = 0
         self._saved_at = time.monotonic()
         self.status: dict = {"covered": 0, "path": None, "bytes": None, "seconds": None,
@@ -457,6 +458,11 @@ class StateKeeper:
             self.covered = batch.first + batch.n
         self.batches_covered += len(batches)
 
+    def learner_changed(self) -> None:
+        """The learner changed outside learning (a merged global model): the next due or
+        final checkpoint is written even if no new sample was learned."""
+        self._changed = True
+
     def maybe_save(self) -> None:
         """Checkpoint if `every_steps` learner steps or `every_s` seconds have passed since
         the last one and something new was learned."""
@@ -468,8 +474,8 @@ class StateKeeper:
     def save(self) -> None:
         """Write a checkpoint now (if anything changed); a failure is logged and shown in
         status, and the journal keeps every record until a later checkpoint succeeds."""
-        if self.covered == self._saved_covered or (self.covered == 0 and
-                                                   self._saved_covered is None):
+        if not self._changed and (self.covered == self._saved_covered or (
+                self.covered == 0 and self._saved_covered is None)):
             self._saved_at = time.monotonic()
             return
         daemon = self.daemon
@@ -496,6 +502,7 @@ class StateKeeper:
             return
         seconds = time.perf_counter() - started
         self._saved_covered = self.covered
+        self._changed = False
         self._saved_steps = daemon.learner.steps
         self._saved_at = time.monotonic()
         self.status.update(covered=self.covered, path=path.name, bytes=size,

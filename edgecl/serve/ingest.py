@@ -237,7 +237,9 @@ class Ingest:
                 reply = ok_reply(header.get("rid"), **fields)
             except WireError as exc:
                 self.refused[exc.code] += 1
-                reply = self._error(header, exc.code, exc.message)
+                retry = {"retry_after_ms": self.config.serve.retry_after_ms} \
+                    if exc.code == ErrorCode.BUSY else {}
+                reply = self._error(header, exc.code, exc.message, **retry)
             except Exception:
                 log.exception("internal error answering a held request")
                 self.refused[ErrorCode.INTERNAL] += 1

@@ -81,6 +81,7 @@ class LearnerThread:
         self._idle_hooks: list[Callable[[Any, int], None]] = []
         self.snapshots = None    # SnapshotService, built by _start_features when enabled
         self.timeseries = None   # the time series Recorder, likewise
+        self.federation = None   # FederationService (model.get, model.merge), likewise
 
     def _check_learner(self) -> None:
         if self.config.serve.overload == "realtime" and not isinstance(self.learner,
@@ -107,14 +108,17 @@ class LearnerThread:
         """The features that ride on the daemon, each registering its ops, hooks and state
         parts through the extension points: snapshots (which bring torch and ONNX in, hence
         the learner thread), with the learner routed through their held-out slice, then the
-        time series, which reads the snapshot store."""
+        time series, which reads the snapshot store, then federation (model.get/merge)."""
         from edgecl.export.service import HeldOutRouter, start_snapshots
+        from edgecl.serve.federation import start_federation
         from edgecl.serve.timeseries import start_recorder
 
         if self.config.snapshots.enabled:
             self.snapshots = start_snapshots(self)
             self.learner = HeldOutRouter(self.learner, self.snapshots.heldout)
         self.timeseries = start_recorder(self, self.snapshots.store if self.snapshots else None)
+        if hasattr(self.learner, "merge_global"):  # a learner that can be federated
+            self.federation = start_federation(self)
 
     def _learner_config(self):
         """The configured LearnerConfig; unless `learner.threads` is set, torch gets all cores

@@ -1,0 +1,132 @@
+"""Federation on the learner's side: read the student as plain arrays, and merge a global
+model (e.g. a Flower aggregate of several sites' students) into it.
+
+- `student_arrays`: every floating tensor of the student's state_dict (parameters and
+  BatchNorm running statistics; integer buffers such as num_batches_tracked are not model
+  content), state_dict order, as float32 numpy copies.
+- `layout` / `arch_fingerprint`: what an aggregator and the daemon's checks need to know of
+  the student without torch: names, shapes, which arrays are the head, and a fingerprint of
+  everything but the head (sites with different fingerprints cannot be averaged).
+- `merge_into`: labels are aligned by name (each site's head has its own order); a global
+  label the site never saw grows the head through the learner's own growth path; the
+  backbone is replaced (BatchNorm statistics per `bn`); the optimizer state is reset; then
+  the merged model is a consolidation point, so EWC++ and the anchor terms pull toward it.
+  The replay buffer, with DER++'s stored logits, is kept.
+
+Knows nothing of daemons or sockets (docs/architecture.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+HEAD_PREFIX = "head."
+BN_MODES = ("global", "local", "refresh")
+BN_STATS = ("running_mean", "running_var")
+
+
+def float_items(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The floating entries of the model's state_dict, in its order."""
+    return [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+
+
+def student_arrays(learner) -> list[tuple[str, np.ndarray]]:
+    """(name, float32 C-order copy) for every floating array of the student."""
+    if learner.student is None:
+        raise RuntimeError("the learner has no student yet: it has learned nothing")
+    return [(name, np.ascontiguousarray(t.detach().cpu().numpy(), dtype="<f4").copy())
+            for name, t in float_items(learner.student)]
+
+
+def is_head(name: str) -> bool:
+    return name.startswith(HEAD_PREFIX)
+
+
+def layout(learner) -> dict:
+    """Names and shapes of the student's arrays (head arrays: shape with the class rows),
+    and the architecture fingerprint: plain data, for a thread that must not touch torch."""
+    items = float_items(learner.student)
+    return {"names": [name for name, _ in items],
+            "shapes": [list(t.shape) for _, t in items],
+            "head": [is_head(name) for name, _ in items],
+            "arch": arch_fingerprint(items, learner.input_shape, learner.input_dtype)}
+
+
+def arch_fingerprint(items: Sequence[tuple[str, Any]], input_shape, input_dtype) -> str:
+    """sha256 over the non-head array names and shapes and the input spec: equal for two
+    students that can be averaged, whatever classes their heads hold."""
+    body = [[name, list(t.shape)] for name, t in items if not is_head(name)]
+    text = json.dumps({"arrays": body, "input": [list(input_shape or ()), input_dtype]},
+                      separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def merge_into(learner, labels: list, arrays: dict[str, np.ndarray], bn: str = "global",
+               refresh=None) -> dict:
+    """Merge the global model (`labels` in its head order, `arrays` by name) into `learner`.
+
+    Head rows are matched by label; a site label the global model lacks keeps its row.
+    `refresh(model, x)` re-estimates BatchNorm statistics (bn='refresh'; the learner passes
+    its refresh_batchnorm: this module does not import the learner's).
+    Returns what a reply reports: the site's labels after the merge, the labels added."""
+    if bn not in BN_MODES:
+        raise ValueError(f"bn: {bn!r} is not one of {', '.join(BN_MODES)}")
+    if learner.student is None:
+        raise RuntimeError("the learner has no student yet: it has learned nothing")
+    check_arrays(learner, labels, arrays)
+    added = [label for label in labels if label not in learner.index]
+    if added:
+        learner._encode_labels(added)  # the growth path: head, optimizer, terms' on_grow
+    learner.class_counts += [0] * (len(learner.labels) - len(learner.class_counts))
+    learner.student.load_state_dict(_merged_state(learner, labels, arrays, bn), strict=True)
+    learner.optimizer.state.clear()  # momentum of the site's trajectory: meaningless now
+    if bn == "refresh" and len(learner.buffer):
+        n = len(learner.buffer)
+        refresh(learner.student, learner._to_tensor(learner.buffer.x[:n]))
+    learner._statistics_at = -1
+    if learner.latent.frozen:  # the buffered latents came from the replaced prefix
+        learner.latent.freeze(learner.student, learner.buffer, learner._to_tensor)
+    learner._consolidate()  # anchor and EWC++'s theta* become the merged model
+    learner.merges += 1
+    learner.samples_at_merge = learner.samples_learned
+    return {"labels": list(learner.labels), "added": added, "merges": learner.merges}
+
+
+def check_arrays(learner, labels: list, arrays: dict[str, np.ndarray]) -> None:
+    """The global model must have exactly the student's arrays, with its shapes (head rows:
+    one per global label). ValueError otherwise (the daemon checks this on the wire first)."""
+    if len(set(labels)) != len(labels):
+        raise ValueError("labels: a label appears twice")
+    expected = dict(float_items(learner.student))
+    if list(arrays) != list(expected):
+        raise ValueError(f"arrays: expected {list(expected)}, got {list(arrays)}")
+    for name, value in arrays.items():
+        shape = list(expected[name].shape)
+        if is_head(name):
+            shape[0] = len(labels)
+        if list(np.shape(value)) != shape:
+            raise ValueError(f"{name}: shape {list(np.shape(value))}, expected {shape}")
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name}: values must be finite")
+
+
+def _merged_state(learner, labels: list, arrays: dict[str, np.ndarray], bn: str) -> dict:
+    """The student's state_dict with the global arrays in: the head by label, BatchNorm's
+    running statistics kept under bn='local', integer buffers always kept."""
+    state = learner.student.state_dict()
+    site_rows = torch.tensor([learner.index[label] for label in labels], dtype=torch.long)
+    for name, value in arrays.items():
+        tensor = torch.from_numpy(np.array(value, dtype=np.float32))
+        if is_head(name):
+            merged = state[name].detach().clone()
+            merged[site_rows] = tensor.to(merged.dtype)
+            state[name] = merged
+        elif bn == "local" and name.rsplit(".", 1)[-1] in BN_STATS:
+            continue
+        else:
+            state[name] = tensor.to(state[name].dtype)
+    return state
