@@ -10,8 +10,8 @@ For each configuration (sites : split, edgecl/federation/trial.py):
   learner settings), scored on the test digits of all ten classes;
 - after 1, 3 and 10 rounds: a real local federation (`edgecl.federation.local`: a SuperLink,
   a SuperNode and an `edgecl serve` daemon per site, TLS, node authentication and CURVE,
-  `flwr run`). Every site's stream is pushed at the start; between two rounds each site learns
-  about 1/rounds of it. After each round's merge every site exports a snapshot, which is
+  `flwr run`). Each site's sensor spreads its stream over --push-seconds; a round waits until
+  every site learned 1/rounds of its stream (or 60 s passed). After each round's merge every site exports a snapshot, which is
   pulled over the wire and scored with onnxruntime (fp32) on the same test digits;
 - bytes sent per round (global model to every site, and every site's model back; Flower's
   ArrayRecord sizes) and round time on loopback;
@@ -64,7 +64,8 @@ def run_config(sites: int, split: str, strategy: str, args) -> dict:
     print(f"{sites}:{split} {strategy}: alone {before} ({time.time() - t0:.0f} s); "
           f"federating in {work}", flush=True)
     trial = run_trial(work, sites, split, args.rounds, strategy, args.seed,
-                      args.train_per_class, progress=lambda line: print(line, flush=True))
+                      args.train_per_class, push_seconds=args.push_seconds,
+                      progress=lambda line: print(line, flush=True))
     rounds = trial.results["rounds"]
     return {"sites": sites, "split": split, "strategy": strategy, "seed": args.seed,
             "train_per_class": args.train_per_class, "rounds_run": args.rounds,
@@ -146,6 +147,8 @@ def main() -> int:
     p.add_argument("--train-per-class", type=int, default=200)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--push-seconds", type=float, default=400.0,
+                   help="each site's sensor spreads its stream over this long")
     p.add_argument("--configs", default="3:disjoint,3:overlap,5:disjoint,5:overlap")
     p.add_argument("--fedavg", default="3:disjoint")
     p.add_argument("--render", action="store_true", help="only render the saved results")

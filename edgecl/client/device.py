@@ -259,7 +259,7 @@ def pull_and_score(address: str, out_dir: str, test_x: np.ndarray, test_y: np.nd
     if device.local_version() is None:
         return None
     meta = json.loads((Path(out_dir) / META_FILE).read_text())
-    scores: dict = {"version": meta["version"], "outcome": outcome}
+    scores: dict = {"version": meta["version"], "outcome": outcome, "labels": meta["labels"]}
     for name in (FP32_FILE, INT8_FILE):
         session = ort.InferenceSession(str(Path(out_dir) / name),
                                        providers=["CPUExecutionProvider"])

@@ -4,8 +4,8 @@ It never touches the learner: it asks the daemon for its student (`model.get`) a
 the global model (`model.merge`); the daemon merges between two learning steps.
 
 - train: merge the global model the message carries (none in the first round), let the
-  daemon learn `local-samples` more samples (at most `local-timeout-s`; it stops early when
-  the daemon's queue is empty), then reply with the site's student.
+  daemon learn `local-samples` more samples (at most `local-timeout-s`), then reply with
+  the site's student.
 - evaluate: merge the round's global model, so every site holds it between rounds. With
   `eval-npz` in the node config, ask the daemon for a fresh snapshot, pull it like a device
   and score it with onnxruntime on that file's `x`, `y`.
@@ -71,14 +71,14 @@ def merge_global(site: Site, msg: Message) -> bool:
 
 
 def learn_between_rounds(site: Site, config: ConfigRecord) -> None:
-    """Wait while the daemon learns `local-samples` more samples, up to `local-timeout-s`,
-    or until its queue is empty (nothing more to learn now)."""
+    """Wait while the daemon learns `local-samples` more samples from its stream, up to
+    `local-timeout-s` (a site whose sensors are quiet replies after the timeout)."""
     wanted = int(config.get("local-samples", 0))
     deadline = time.monotonic() + float(config.get("local-timeout-s", 0.0))
     start = get_status(site.address, site.timeout, curve=site.curve)["samples_learned"]
     while wanted > 0 and time.monotonic() < deadline:
         status = get_status(site.address, site.timeout, curve=site.curve)
-        if status["samples_learned"] - start >= wanted or status["queue_depth"] == 0:
+        if status["samples_learned"] - start >= wanted:
             return
         time.sleep(POLL_S)
 
@@ -109,7 +109,8 @@ def score_snapshot(site: Site) -> dict:
         return {}
     return {"accuracy": scores["model.onnx"]["accuracy"],
             "int8-accuracy": scores["model.int8.onnx"]["accuracy"],
-            "snapshot": int(scores["version"]), "num-examples": int(len(y))}
+            "snapshot": int(scores["version"]), "classes": len(scores["labels"]),
+            "num-examples": int(len(y))}
 
 
 @app.evaluate()

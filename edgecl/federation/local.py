@@ -206,8 +206,8 @@ class LocalFederation:
     def _start_link(self) -> None:
         self.link_port = free_port()
         args = [flower_bin("flower-superlink"), "--port", str(self.link_port),
-                "--disable-runtime-dependency-installation",
-                "--database", str(self.workdir / "superlink.db")]
+                "--disable-runtime-dependency-installation"]  # state in memory: a file
+        # database under load answered "database is locked" to the ServerApp
         if self.secure:
             self.tls = make_tls(self.workdir / "tls", ["127.0.0.1", "localhost"])
             args += ["--ssl-certfile", str(self.tls.server_cert), "--ssl-keyfile",

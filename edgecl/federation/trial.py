@@ -83,17 +83,24 @@ def interleaved(streams: list[SiteStream], chunks: int) -> tuple[np.ndarray, np.
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def push_stream(address: str, stream: SiteStream, curve=None, batch: int = 32) -> threading.Thread:
-    """Push a site's stream to its daemon from a thread (a sensor); errors end up in
-    `thread.errors`."""
+def push_stream(address: str, stream: SiteStream, curve=None, batch: int = 32,
+                seconds: float = 0.0) -> threading.Thread:
+    """Push a site's stream to its daemon from a thread (a sensor), spread evenly over
+    `seconds` (0: as fast as it is acked); errors end up in `thread.errors`."""
+    import time
+
     from edgecl.client import SensorClient
+
+    starts = range(0, len(stream.y), batch)
+    gap = seconds / max(1, len(starts))
 
     def run() -> None:
         try:
             with SensorClient(address, sensor=f"{stream.name}-cam", curve=curve) as client:
-                for start in range(0, len(stream.y), batch):
+                for start in starts:
                     client.push(stream.x[start:start + batch],
                                 stream.y[start:start + batch].tolist())
+                    time.sleep(gap)
         except Exception as exc:  # reported by whoever joins the thread
             thread.errors.append(str(exc))
 
@@ -119,11 +126,12 @@ def site_accuracy(results: dict, round_no: int) -> dict:
 
 def run_trial(workdir, sites: int = 3, split: str = "disjoint", rounds: int = 3,
               strategy: str = "class-aware", seed: int = 0, train_per_class: int = 400,
-              secure: bool = True, daemon_args: list[str] = (), local_samples: int | None = None,
-              progress=print) -> TrialResult:
-    """A local federation on Split-MNIST: start it, push every site's stream, run `rounds`
-    rounds (each site learns about 1/rounds of its stream between two), wait until every
-    acked sample is learned, stop everything."""
+              secure: bool = True, daemon_args: list[str] = (), push_seconds: float = 0.0,
+              local_timeout_s: float = 60.0, progress=print) -> TrialResult:
+    """A local federation on Split-MNIST: start it, push every site's stream (spread over
+    `push_seconds`), run `rounds` rounds (between two, each site learns 1/rounds of its
+    stream or waits `local_timeout_s`), wait until every acked sample is learned, stop
+    everything."""
     from pathlib import Path
 
     from edgecl.client.connection import get_status
@@ -133,16 +141,16 @@ def run_trial(workdir, sites: int = 3, split: str = "disjoint", rounds: int = 3,
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     np.savez(workdir / "test.npz", x=test_x, y=test_y)
-    per_round = local_samples or max(1, min(len(s.y) for s in streams) // rounds)
+    per_round = max(1, min(len(s.y) for s in streams) // rounds)
     with LocalFederation(workdir, [s.name for s in streams], daemon_args, secure=secure,
                          eval_npz=str(workdir / "test.npz")) as fed:
         for s, site in zip(streams, fed.sites):
             progress(f"{s.name}: daemon {site.address}, classes {s.classes}, "
                      f"{len(s.y)} samples")
-        pushers = [push_stream(site.address, s, site.sensor_curve)
+        pushers = [push_stream(site.address, s, site.sensor_curve, seconds=push_seconds)
                    for s, site in zip(streams, fed.sites)]
         results = fed.run({"num-rounds": rounds, "strategy": strategy,
-                           "local-samples": per_round, "local-timeout-s": 600.0})
+                           "local-samples": per_round, "local-timeout-s": local_timeout_s})
         for t in pushers:
             t.join(600)
             if t.errors:
