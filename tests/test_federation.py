@@ -264,3 +264,19 @@ def test_a_merge_publishes_a_snapshot_without_new_samples(start):
              timeout=120)
     meta = daemon.snapshots.store.meta(daemon.snapshots.store.latest())
     assert meta.get("trigger") == "merge"
+
+
+def test_federation_bn_is_checked_with_a_clear_error(tmp_path):
+    from edgecl.config import Config, load
+    from edgecl.errors import UserError
+    config = Config()
+    config.federation.bn = "median"
+    with pytest.raises(UserError, match="federation.bn: 'median' is not one of global, local, "
+                                        "refresh"):
+        config.check()
+    path = tmp_path / "edgecl.toml"
+    path.write_text('[federation]\nbn = "refresh"\n')
+    assert load(path).federation.bn == "refresh"
+    path.write_text('[federation]\nbn = 3\n')
+    with pytest.raises(UserError, match="federation.bn: expected str"):
+        load(path)

@@ -13,7 +13,9 @@ def register(subparsers) -> None:
         description="Write DIR/NAME.key (public: hand it to the other side) and "
                     "DIR/NAME.key_secret (secret, mode 0600: keep it where it was made). "
                     "The daemon uses server.key_secret with --curve-secret and admits the "
-                    "clients whose .key files are in its --allow-clients directory.")
+                    "clients whose .key files are in its key directories; the directory a "
+                    "client's .key is copied into (--allow-sensors, --allow-devices, "
+                    "--allow-admins, --allow-federation) gives it its role.")
     p.add_argument("directory", metavar="DIR")
     p.add_argument("--name", default=SERVER_NAME,
                    help=f"key pair name, e.g. a sensor's (default {SERVER_NAME!r})")
@@ -28,6 +30,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         print(f"daemon: edgecl serve --curve-secret {secret} --allow-clients DIR; "
               f"give {public} to every client (--curve-server-key)")
     else:
-        print(f"client: --curve-key {secret}; copy {public} into the daemon's "
-              "--allow-clients directory")
+        print(f"client: --curve-key {secret}; copy {public} into the daemon's directory "
+              "for this client's role: --allow-sensors, --allow-devices, --allow-admins or "
+              "--allow-federation (--allow-clients: every role)")
     return 0

@@ -177,6 +177,9 @@ class FederationService:
             return {"merged": True, **extra}
         with self._lock:
             outcome = self._merges.get(ticket)
+            pending = any(p[0] == ticket for p in self._pending)
+        if outcome is None and not pending and ticket <= self._oldest_outcome():
+            return {"merged": True, **extra}  # applied long ago: its figures are forgotten
         if outcome is None:
             if wait_ms > 0:
                 return None
@@ -184,6 +187,11 @@ class FederationService:
         if isinstance(outcome, WireError):
             raise outcome
         return {**outcome, **extra}
+
+    def _oldest_outcome(self) -> int:
+        """Tickets at or below this one were settled and may have been forgotten."""
+        with self._lock:
+            return next(iter(self._merges), 0) - 1 if self._merges else 0
 
     def _check_merge(self, header: dict, payload) -> dict:
         """Everything about a merge that can be wrong, before it is queued."""

@@ -58,6 +58,16 @@ class OffersToBuffer(Protocol):
 
 
 @runtime_checkable
+class Federates(Protocol):
+    """A learner that can be one site of a federation (model.get, model.merge;
+    edgecl/serve/federation.py): OnlineLearner."""
+
+    def model_arrays(self) -> list: ...
+
+    def merge_global(self, labels: Sequence, arrays: dict, bn: str = "global") -> dict: ...
+
+
+@runtime_checkable
 class HasSettings(Protocol):
     """A learner whose settings a restored checkpoint's can be compared with."""
 
@@ -117,7 +127,7 @@ class LearnerThread:
             self.snapshots = start_snapshots(self)
             self.learner = HeldOutRouter(self.learner, self.snapshots.heldout)
         self.timeseries = start_recorder(self, self.snapshots.store if self.snapshots else None)
-        if hasattr(self.learner, "merge_global"):  # a learner that can be federated
+        if isinstance(self.learner, Federates):
             self.federation = start_federation(self)
 
     def _learner_config(self):
