@@ -1,7 +1,7 @@
 """What a merge does to BatchNorm statistics: `[federation] bn` = global, local, refresh.
 
     .venv/bin/python benchmarks/federation_bn.py [--seeds 0,1] [--rounds 10] [--jobs 2]
-        [--write BENCHMARKS.md]
+        [--render] [--write BENCHMARKS.md]
 
 The federation without the network, so that the three settings can be compared on several
 seeds in minutes: 3 sites on disjoint Split-MNIST classes (edgecl/federation/trial.py,
@@ -62,6 +62,10 @@ def simulate(job: dict) -> dict:
     return {**job, "accuracy": per_round}
 
 
+def result_name(job: dict) -> str:
+    return f"bn-{job['bn']}-s{job['seed']}-r{job['rounds']}.json"
+
+
 def render(results: list[dict], command: str) -> str:
     lines = ["## Federation: BatchNorm statistics at a merge", "",
              f"Command: `{command}`. Machine: {os.cpu_count()} cores, no GPU, one learner "
@@ -88,16 +92,19 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--train-per-class", type=int, default=200)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--render", action="store_true", help="only render the saved results")
     p.add_argument("--write", metavar="MD")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     jobs = [{"bn": m, "seed": int(s), "rounds": args.rounds,
              "train_per_class": args.train_per_class}
             for s in args.seeds.split(",") for m in MODES]
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
-        results = pool.map(simulate, jobs)
-    for r in results:
-        (OUT / f"bn-{r['bn']}-s{r['seed']}-r{r['rounds']}.json").write_text(json.dumps(r))
+    if not args.render:
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            for r in pool.map(simulate, jobs):
+                (OUT / result_name(r)).write_text(json.dumps(r))
+    results = [json.loads((OUT / result_name(j)).read_text()) for j in jobs
+               if (OUT / result_name(j)).exists()]
     text = render(results, "benchmarks/federation_bn.py " + " ".join(sys.argv[1:]))
     print(text)
     if args.write:
