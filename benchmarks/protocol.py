@@ -28,11 +28,15 @@ from edgecl.bench import run_each
 OUT = Path("bench-results/protocol")
 
 
-def _derpp(shared: bool, iterations: int = 1, **settings) -> dict:
+def _derpp(shared: bool, iterations: int = 1, derpp: dict | None = None,
+           ewcpp: dict | None = None, method: str = "derpp+ewcpp", **settings) -> dict:
     """derpp+ewcpp with every setting the defaults have moved on spelled out, so a result
-    file keeps its meaning whatever the defaults become."""
-    return dict(method="derpp+ewcpp", iterations=iterations,
-                terms={"derpp": {"shared_draw": shared}}, **settings)
+    file keeps its meaning whatever the defaults become; `derpp` and `ewcpp` add term
+    parameters."""
+    terms = {"derpp": {"shared_draw": shared, **(derpp or {})}}
+    if ewcpp:
+        terms["ewcpp"] = ewcpp
+    return dict(method=method, iterations=iterations, terms=terms, **settings)
 
 
 CANDIDATES = {
@@ -74,6 +78,16 @@ CANDIDATES = {
     "derpp+ewcpp/shared/iter4/latent4@400": _derpp(True, 4, latent_layers=4, latent_after=400),
     "derpp+ewcpp/shared/iter4/latent4": _derpp(True, 4, latent_layers=4, latent_after=1000),
     "er/iter4": dict(method="er", iterations=4),
+    # round 3: head initialization, more steps per batch
+    "derpp+ewcpp/shared/iter4/imprint": _derpp(True, 4, head_init="imprint"),
+    "derpp+ewcpp/shared/iter6": _derpp(True, 6),
+    "derpp+ewcpp/shared/iter8": _derpp(True, 8),
+    "derpp+ewcpp/shared/iter4/keeplast": _derpp(True, 4, keep_from="last"),
+    "derpp+ewcpp/shared/iter4/fisherbatch": _derpp(True, 4, ewcpp={"fisher_per_batch": True}),
+    "derpp/shared/iter4": _derpp(True, 4, method="derpp"),
+    "derpp+ewcpp/shared/iter4/a0.1": _derpp(True, 4, derpp={"alpha": 0.1}),
+    "derpp+ewcpp/shared/iter4/b1": _derpp(True, 4, derpp={"beta": 1.0}),
+    "derpp+ewcpp/shared/iter4/l0.1": _derpp(True, 4, ewcpp={"lam": 0.1}),
 }
 
 SHIFTS = {

@@ -226,3 +226,67 @@ def test_prequential_guess_is_made_before_the_batch_is_learned(digits):
         guess = b.student(b._to_tensor(x[40:50])).argmax(1).numpy()
     labels = np.asarray(b.labels)
     assert out["correct"] == int((labels[guess] == y[40:50]).sum())
+
+
+def test_keep_from_last_stores_the_logits_of_the_last_step(digits, monkeypatch):
+    """`keep_from = "last"` offers a batch to the buffer once, after the earlier steps have
+    learned it: the stored logits are the last step's forward, not the first one's."""
+    x, y = digits
+    stored = {}
+    for keep_from in ("first", "last"):
+        learner = OnlineLearner(LearnerConfig(method="derpp", iterations=3, keep_from=keep_from,
+                                              buffer_size=100, seed=0))
+        _feed(learner, x[:20], y[:20])
+        kept = []
+        real_keep = learner._keep
+        monkeypatch.setattr(learner, "_keep", lambda *a: (kept.append(learner.steps),
+                                                          real_keep(*a)))
+        learner.learn_many(x[20:30], list(y[20:30]))
+        assert len(kept) == 1 and learner.buffer.seen == 30  # kept once per batch either way
+        stored[keep_from] = (kept[0], learner.buffer.logits[20:30].copy())
+    assert stored["first"][0] == 6 and stored["last"][0] == 8  # step index of the keeping step
+    assert not np.allclose(stored["first"][1], stored["last"][1])
+
+
+def test_imprinted_row_is_its_class_mean_embedding_and_moves_nothing_else(digits):
+    from edgecl.learn.learner import imprint_rows
+    from edgecl.models import build_student
+    x, y = digits
+    torch.manual_seed(0)
+    model = build_student(3, 1, 28)
+    xt = torch.from_numpy(x[:30]).float() / 255
+    targets = np.array([0] * 10 + [1] * 10 + [2] * 10)
+    before = copy.deepcopy(model.state_dict())
+    imprint_rows(model, xt, targets, [2])
+    after = model.state_dict()
+    for name, value in before.items():  # BatchNorm statistics and old rows stay put
+        if name not in ("head.weight", "head.bias"):
+            assert torch.equal(value, after[name]), name
+    assert torch.equal(after["head.weight"][:2], before["head.weight"][:2])
+    row = after["head.weight"][2]
+    model.train()
+    with torch.no_grad():
+        h = torch.nn.functional.normalize(model.embed(xt), dim=1)[20:].mean(0)  # batch stats of all 30
+    assert torch.cosine_similarity(row, h, dim=0) > 0.9999
+    assert torch.isclose(row.norm(), before["head.weight"][:2].norm(dim=1).mean())
+    assert torch.isclose(after["head.bias"][2], before["head.bias"][:2].mean())
+
+
+def test_imprint_runs_in_the_learner_when_a_class_appears(digits, monkeypatch):
+    import edgecl.learn.learner as learner_module
+    x, y = digits
+    calls = []
+    real = learner_module.imprint_rows
+    monkeypatch.setattr(learner_module, "imprint_rows",
+                        lambda m, xt, t, rows: (calls.append(list(rows)), real(m, xt, t, rows)))
+    learner = OnlineLearner(LearnerConfig(method="er", head_init="imprint", **SMALL))
+    _feed(learner, x, y)
+    new_rows = [r for c in calls for r in c]
+    assert sorted(new_rows) == [0, 1, 2, 3] and learner.stats()["skipped_steps"] == 0
+
+
+def test_head_init_and_keep_from_are_checked():
+    with pytest.raises(ValueError, match="head_init"):
+        OnlineLearner(LearnerConfig(head_init="zeros"))
+    with pytest.raises(ValueError, match="keep_from"):
+        OnlineLearner(LearnerConfig(keep_from="middle"))

@@ -320,3 +320,21 @@ def test_memory_bytes_counts_vectors_of_the_student_and_the_window():
     assert TERMS["si"].memory_bytes(student, (1, 28, 28), TERMS["si"].defaults) == 20 * n
     assert TERMS["ewc"].memory_bytes(student, (1, 28, 28), {"samples": 100}) == \
         8 * n + 100 * (784 + 8)
+
+
+@pytest.mark.parametrize("per_batch,expected", [(False, [0, 2, 4, 6, 8]), (True, [0, 4, 8])])
+def test_ewcpp_fisher_per_step_or_per_batch(digits, monkeypatch, per_batch, expected):
+    """`fisher_every` counts steps, or with `fisher_per_batch` stream batches, the Fisher
+    then taken on a batch's first step only (its other iterations see the same samples)."""
+    import edgecl.learn.terms.ewcpp as ewcpp_module
+    x, y = digits
+    updated = []
+    real = ewcpp_module.per_sample_fisher
+    learner = OnlineLearner(LearnerConfig(
+        method="ewcpp", iterations=2, buffer_size=0, seed=0,
+        terms={"ewcpp": {"fisher_every": 2, "fisher_per_batch": per_batch}}))
+    monkeypatch.setattr(ewcpp_module, "per_sample_fisher",
+                        lambda m, xs, ys: (updated.append(learner.steps), real(m, xs, ys))[1])
+    for i in range(0, 50, 10):
+        learner.learn_many(x[i:i + 10], list(y[i:i + 10]))
+    assert learner.steps == 10 and updated == expected

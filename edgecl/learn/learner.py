@@ -89,18 +89,23 @@ class OnlineLearner:
         if len(y) != len(raw):
             raise ValueError(f"got {len(raw)} inputs but {len(y)} labels")
         started = time.perf_counter()
+        known = len(self.labels)
         targets = self._encode_labels(y)
         xt = self._to_tensor(raw)
+        if self.config.head_init == "imprint" and len(self.labels) > known:
+            imprint_rows(self.student, xt, targets, range(known, len(self.labels)))
         early = self._predict_indices(xt) if self.config.predict_in_eval else None
         if self.latent.due(self.samples_learned):
             self.latent.freeze(self.student, self.buffer, self._to_tensor)
         zt = self.latent.prefix(self.student, xt) if self.latent.frozen else None
         skipped = self.skipped_steps
-        loss, predicted = self._learn_step(raw, xt, targets, keep=True, zt=zt)
-        for _ in range(self.config.iterations - 1):
+        last = self.config.iterations - 1
+        keep_at = last if self.config.keep_from == "last" else 0
+        loss, predicted = self._learn_step(raw, xt, targets, keep=keep_at == 0, zt=zt)
+        for i in range(1, last + 1):
             if self.skipped_steps > skipped:
-                break  # a batch whose step was refused is not tried again
-            self._learn_step(raw, xt, targets, keep=False, zt=zt)
+                break  # a batch whose step was refused is not tried again (nor kept)
+            self._learn_step(raw, xt, targets, keep=keep_at == i, zt=zt, repeat=i)
         correct = self.prequential.update(targets, predicted if early is None else early)
         self.samples_learned += len(raw)
         self._count_classes(targets)
@@ -328,12 +333,14 @@ class OnlineLearner:
         return out
 
     def _learn_step(self, raw: np.ndarray, xt: torch.Tensor, targets: np.ndarray,
-                    keep: bool, zt: torch.Tensor | None = None) -> tuple[float, np.ndarray]:
+                    keep: bool, zt: torch.Tensor | None = None,
+                    repeat: int = 0) -> tuple[float, np.ndarray]:
         """One optimizer step on the stream batch and the terms' replay draws. Returns the
         loss and the argmax of the batch's pre-update logits; `keep` offers the batch to
         the buffer (once per batch, however many iterations learn it). `zt`: the batch's
-        latents, once the layers of latent replay are frozen."""
-        step = Step(index=self.steps, num_classes=len(self.labels))
+        latents, once the layers of latent replay are frozen; `repeat`: which of the batch's
+        iterations this is."""
+        step = Step(index=self.steps, num_classes=len(self.labels), repeat=repeat)
         step.add("stream", xt, torch.from_numpy(targets), latent=zt)
         for term in self.terms:
             term.prepare(step, self.rng)
@@ -607,6 +614,36 @@ def refresh_batchnorm(model: EdgeNet, x: torch.Tensor, chunk: int = 100) -> None
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         model.eval()
+
+
+@torch.no_grad()
+def imprint_rows(model: EdgeNet, x: torch.Tensor, targets: np.ndarray, rows) -> None:
+    """Weight imprinting (Qi et al., "Low-Shot Learning with Imprinted Weights", CVPR 2018):
+    a new class's head row starts as the direction of its samples' mean embedding, at the
+    mean length of the other rows, with their mean bias, instead of a random row that the
+    class must first pull into place. Samples of a short stream are few; this spends none
+    of them on that. Batch statistics, with the running ones left as they were."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running statistics keep their value
+    model.train()
+    try:
+        h = F.normalize(model.embed(x), dim=1)
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+    head = model.head
+    rows = list(rows)
+    others = [r for r in range(head.out_features) if r not in rows]
+    reference = others or rows  # the first classes: the random rows' own scale
+    length = head.weight[reference].norm(dim=1).mean()
+    bias = head.bias[others].mean() if others else torch.zeros(())
+    labels = torch.from_numpy(targets)
+    for r in rows:
+        head.weight[r] = F.normalize(h[labels == r].mean(dim=0), dim=0) * length
+        head.bias[r] = bias
 
 
 def _union(groups) -> tuple[str, ...]:

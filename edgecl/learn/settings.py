@@ -10,6 +10,8 @@ STREAM_LOSSES = ("ce", "ace")
 OFFER_LOGITS = ("forward", "none")
 BUFFER_POLICIES = ("reservoir", "balanced")
 OPTIMIZERS = ("sgd", "adam")
+HEAD_INITS = ("random", "imprint")
+KEEP_FROM = ("first", "last")
 # terms that read only the logits of replayed samples and the stream batch's raw inputs,
 # so they work when replayed samples enter the network past its frozen layers
 LATENT_TERMS = {"er", "der", "derpp", "ewcpp"}
@@ -41,6 +43,10 @@ class LearnerConfig:
     stream_loss: str = "ce"          # 'ce' | 'ace': ER-ACE's asymmetric CE on the stream batch
     buffer_policy: str = "reservoir"  # 'reservoir' | 'balanced' (class-balanced, CBRS)
     iterations: int = 4              # optimizer steps per incoming batch (fresh replay draws)
+    keep_from: str = "first"         # which of a batch's steps offers it to the buffer, with
+                                     # that step's logits: 'first' | 'last' (the most learned)
+    head_init: str = "random"        # a new class's head row: 'random' | 'imprint' (the mean
+                                     # embedding of its first samples, weight imprinting)
     predict_in_eval: bool = False    # prequential guess from a separate eval-mode forward
     logit_adjust: float = 0.0        # tau of the logit-adjusted softmax (0: off)
     prior_decay: float = 0.99        # per step, of the running class prior it adjusts by
@@ -107,6 +113,10 @@ class LearnerConfig:
             raise ValueError(f"buffer_policy must be one of {', '.join(BUFFER_POLICIES)}")
         if self.logit_adjust < 0 or not 0.0 <= self.prior_decay < 1.0:
             raise ValueError("logit_adjust must be >= 0 and prior_decay in [0, 1)")
+        if self.keep_from not in KEEP_FROM:
+            raise ValueError(f"keep_from must be one of {', '.join(KEEP_FROM)}")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}")
         if self.iterations < 1:
             raise ValueError("iterations must be >= 1")
         if self.offer_logits not in OFFER_LOGITS:

@@ -41,6 +41,7 @@ class Step:
     anchor_features: dict[str, torch.Tensor] = field(default_factory=dict)  # no grad
     num_classes: int = 0
     index: int = 0  # global step counter
+    repeat: int = 0  # which of its batch's `iterations` steps this is (0: the first)
     # tau * log(prior of each class in what the learner trains on): added to the logits of
     # every cross-entropy (logit-adjusted softmax), None when the learner does not adjust
     label_shift: torch.Tensor | None = None

@@ -25,8 +25,9 @@ class EWCPP(ImportancePenalty):
     """EWC++: penalty `sum_i (1/2) * min(lambda * F_i, 1/lr) * (theta_i - theta*_i)^2`.
 
     The Fisher is a running estimate, `F <- alpha * F_batch + (1 - alpha) * F`, updated every
-    `fisher_every` steps from a per-sample Fisher of the incoming stream batch (alpha is the
-    weight of the new estimate, RWalk's convention). The anchor theta* is refreshed at each
+    `fisher_every` steps (with `fisher_per_batch`: every `fisher_every` stream batches, on
+    the batch's first step) from a per-sample Fisher of the incoming stream batch (alpha is
+    the weight of the new estimate, RWalk's convention). The anchor theta* is refreshed at each
     consolidation point: when a label never seen before arrives (before it is learned), and
     at the latest every `consolidate_every` learner steps. Task-free: no task boundary needed.
     The cap 1/lr on the stiffness keeps SGD stable where the Fisher is large (the stem
@@ -36,7 +37,7 @@ class EWCPP(ImportancePenalty):
 
     name = "ewcpp"
     describe = "EWC++: running per-sample Fisher, quadratic pull toward the last anchor"
-    defaults = {"lam": 1.0, "alpha": 0.9, "fisher_every": 10}
+    defaults = {"lam": 1.0, "alpha": 0.9, "fisher_every": 10, "fisher_per_batch": False}
     memory_note = "2 floats per parameter (running Fisher, anchor)"
     importance_store = "fisher"
     zero_padded = ("fisher",)
@@ -51,13 +52,22 @@ class EWCPP(ImportancePenalty):
     def after_backward(self, step: Step) -> None:
         if self.analytic_penalty:
             self.add_penalty_gradient()
-        if step.index % self.fisher_every:
+        if not self._fisher_due(step):
             return
         rows = step.parts["stream"].rows
         batch = per_sample_fisher(self.learner.student, step.x[rows].detach(), step.y[rows])
         for name, f_new in batch.items():
             old = self.fisher.get(name)
             self.fisher[name] = f_new if old is None else self.alpha * f_new + (1 - self.alpha) * old
+
+    def _fisher_due(self, step: Step) -> bool:
+        """Every `fisher_every` steps; with `fisher_per_batch`, every `fisher_every` stream
+        batches, on a batch's first step: its later steps (`iterations`) see the same
+        samples, whose Fisher barely differs, at the price of a per-sample backward."""
+        if not self.fisher_per_batch:
+            return step.index % self.fisher_every == 0
+        batch = step.index // self.learner.config.iterations
+        return step.repeat == 0 and batch % self.fisher_every == 0
 
     def consolidate(self) -> None:
         self.set_anchor()

@@ -34,7 +34,8 @@ class RWalk(FollowsPath, EWCPP):
 
     name = "rwalk"
     describe = "RWalk: EWC++ Fisher plus an SI-style path score, each normalized by its max"
-    defaults = {"lam": 1000.0, "alpha": 0.9, "fisher_every": 10, "eps": 0.1}
+    defaults = {"lam": 1000.0, "alpha": 0.9, "fisher_every": 10, "fisher_per_batch": False,
+                "eps": 0.1}
     memory_note = "6 floats per parameter (Fisher, score, anchor, omega, last theta, last g)"
     zero_padded = ("fisher", "score")
     vectors = 6
