@@ -48,6 +48,11 @@ CONFIGS = [
                                                latent_after=WARMUP)),
     ("default + latent replay, 7 layers", dict(method="derpp+ewcpp", latent_layers=7,
                                                latent_after=WARMUP)),
+    # round 3: what EWC++ costs at four steps, and the same steps with plain ER
+    ("er, 4 iterations", dict(method="er", iterations=4)),
+    ("derpp (no EWC++), 4 iterations", dict(method="derpp", iterations=4)),
+    ("derpp+ewcpp, 4 iterations, Fisher on every 10th batch's first step",
+     dict(method="derpp+ewcpp", iterations=4, terms={"ewcpp": {"fisher_per_batch": True}})),
 ]
 
 
@@ -62,6 +67,32 @@ def measure(config: dict, x, y, batch: int, cpu: bool = False):
     n = len(x) - WARMUP
     wall = n / (time.perf_counter() - start)
     return (wall, n / (time.process_time() - cpu_start)) if cpu else wall
+
+
+def step_ceiling(batch: int, steps: int = 40) -> str:
+    """The bare student, no learner: one SGD step of forward and backward on 2 x `batch`
+    images (a stream batch and one replay draw of the same size, the default's step), so the
+    stream rate that `iterations` steps per batch allow with nothing else to do."""
+    import torch.nn.functional as F
+    from edgecl.models import build_student
+
+    torch.manual_seed(0)
+    model = build_student(10, 1, 28).to(memory_format=torch.channels_last).train()
+    x = torch.rand(2 * batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (2 * batch,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for i in range(steps + 5):
+        if i == 5:
+            start = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    per_step = (time.perf_counter() - start) / steps
+    iterations = LearnerConfig().iterations
+    return (f"bare student step on {2 * batch} images (28x28): {per_step * 1000:.1f} ms, so at "
+            f"most {batch / per_step:.0f} stream samples/s with 1 step per batch and "
+            f"{batch / (iterations * per_step):.0f} with {iterations}")
 
 
 def profile_default(x, y, batch: int, batches: int) -> str:
@@ -110,6 +141,7 @@ def main() -> None:
     base = results[DEFAULT][0]
     for name, (rate, cpu_rate) in results.items():
         print(f"| {name} | {rate:.0f} | {cpu_rate:.0f} | {rate / base:.2f}x |", flush=True)
+    print("\n" + step_ceiling(args.batch))
     if args.profile:
         print(f"\ntorch.profiler, default learner, {args.profile} batches of {args.batch}:")
         print(profile_default(stream.train_x, stream.train_y.tolist(), args.batch, args.profile))

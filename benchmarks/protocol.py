@@ -84,6 +84,8 @@ CANDIDATES = {
     "derpp+ewcpp/shared/iter8": _derpp(True, 8),
     "derpp+ewcpp/shared/iter4/keeplast": _derpp(True, 4, keep_from="last"),
     "derpp+ewcpp/shared/iter4/fisherbatch": _derpp(True, 4, ewcpp={"fisher_per_batch": True}),
+    "derpp+ewcpp/shared/iter4/draw25": _derpp(True, 4, derpp={"draw": 25}),
+    "derpp+ewcpp/shared/iter4/correct": _derpp(True, 4, derpp={"correct_only": True}),
     "derpp/shared/iter4": _derpp(True, 4, method="derpp"),
     "derpp+ewcpp/shared/iter4/a0.1": _derpp(True, 4, derpp={"alpha": 0.1}),
     "derpp+ewcpp/shared/iter4/b1": _derpp(True, 4, derpp={"beta": 1.0}),

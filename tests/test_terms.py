@@ -50,6 +50,23 @@ def test_derpp_loss_hand_computed():
     assert shared.loss(step).item() == pytest.approx(0.5 + 2 * ce, rel=1e-6)
 
 
+def test_derpp_correct_only_skips_the_logits_that_got_their_label_wrong():
+    """Row 0 was stored right (argmax 0, label 0), row 1 wrong (argmax 0, label 1), row 2
+    with a narrower head whose classes did not include its label: only row 0 is matched."""
+    step = Step()
+    step.add("stream", torch.zeros(1, 1), torch.tensor([0]))
+    step.add("der", torch.zeros(3, 1), torch.tensor([0, 1, 2]),
+             stored_logits=torch.tensor([[2.0, 0.0, 0.0], [3.0, 1.0, 0.0], [0.0, 5.0, 0.0]]),
+             stored_width=torch.tensor([3, 3, 2]))
+    step.seal()
+    step.logits = torch.tensor([[9.0, 9.0, 9.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0],
+                                [4.0, 4.0, 4.0]])
+    term = DERPP(_FakeLearner(), alpha=1.0, beta=0.0, correct_only=True)
+    assert term.loss(step).item() == pytest.approx((4 + 0 + 0) / 3)  # row 0 alone
+    every = DERPP(_FakeLearner(), alpha=1.0, beta=0.0)
+    assert every.loss(step).item() == pytest.approx((4 + (4 + 0 + 1) + (16 + 1)) / 8)
+
+
 def _tiny_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
