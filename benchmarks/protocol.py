@@ -26,6 +26,7 @@ from pathlib import Path
 from edgecl.bench import run_each
 
 OUT = Path("bench-results/protocol")
+SHORT_PREFIX = "derpp+ewcpp/shared/"  # shortened in the figure's labels
 
 
 def _derpp(shared: bool, iterations: int = 1, derpp: dict | None = None,
@@ -176,11 +177,12 @@ def plot(path: str) -> None:
         color = "tab:blue" if buffer == 200 else "tab:orange"
         ax.plot(s["cpu_rate"], s["mean"], "o", color=color)
         ax.plot(s["cpu_rate"], s["worst"], "x", color=color)
-        ax.annotate(f"{name} ({buffer})", (s["cpu_rate"], s["mean"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
+        ax.annotate(f"{name.replace(SHORT_PREFIX, 'd/')} ({buffer})", (s["cpu_rate"], s["mean"]),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("stream samples per CPU-second (1 thread)")
     ax.set_ylabel("final Class-IL accuracy % (o mean, x worst run)")
-    ax.set_title("Split-MNIST robustness protocol: random orders and cuts")
+    ax.set_title("Split-MNIST robustness protocol: random orders and cuts\n"
+                 f"(d/ = {SHORT_PREFIX}; buffer in brackets)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
