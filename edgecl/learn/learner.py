@@ -93,6 +93,7 @@ class OnlineLearner:
         targets = self._encode_labels(y)
         xt = self._to_tensor(raw)
         if self.config.head_init == "imprint" and len(self.labels) > known:
+            self.latent.train(self.student)  # embed as the training forward will
             imprint_rows(self.student, xt, targets, range(known, len(self.labels)))
         early = self._predict_indices(xt) if self.config.predict_in_eval else None
         if self.latent.due(self.samples_learned):
@@ -622,12 +623,12 @@ def imprint_rows(model: EdgeNet, x: torch.Tensor, targets: np.ndarray, rows) -> 
     a new class's head row starts as the direction of its samples' mean embedding, at the
     mean length of the other rows, with their mean bias, instead of a random row that the
     class must first pull into place. Samples of a short stream are few; this spends none
-    of them on that. Batch statistics, with the running ones left as they were."""
+    of them on that. The model embeds in the mode the caller set (the learner's training
+    mode: batch statistics), with the running statistics left as they were."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
         m.momentum = 0.0  # running statistics keep their value
-    model.train()
     try:
         h = F.normalize(model.embed(x), dim=1)
     finally:
