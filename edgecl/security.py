@@ -45,7 +45,8 @@ OP_ROLES = {"push": ("sensor",),
             "snapshot.info": ("device",), "snapshot.chunk": ("device",),
             "snapshot.export": ("admin",), "snapshot.rollback": ("admin",),
             "status": ("admin",),
-            "model.get": ("federation", "admin"), "model.merge": ("federation", "admin")}
+            "model.get": ("federation", "admin"), "model.merge": ("federation", "admin"),
+            "model.stats": ("federation", "admin")}
 ANY_ROLE_OPS = ("ping",)     # liveness: every admitted key
 PUB_ROLES = ("device", "admin")  # who may subscribe to announcements
 PUB_ZAP_DOMAIN = "edgecl.announcements"

@@ -191,6 +191,8 @@ def _open(pending: list, count: int, pos: int, end: int, max_depth: int) -> int:
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 MAX_RID_CHARS = 256
 MAX_MERGE_ID_CHARS = 128
+MAX_STATS_RANK = 64       # principal directions per class a model.stats may ask for
+DEFAULT_STATS_RANK = 16   # ... and without `rank`
 _SCALAR_TYPES = (bool, int, float, str, bytes)
 
 
@@ -249,9 +251,19 @@ OP_FIELDS: dict[str, dict[str, Field]] = {
                           what=f"a str of 1..{MAX_MERGE_ID_CHARS} chars"),
         "wait_ms": WAIT_FIELD,
     },
+    "model.stats": {
+        "labels": Field(list, True, 1, INT64_MAX, ErrorCode.BAD_LABEL,
+                        "an array of the global model's labels, in its head order"),
+        "arrays": Field(list, True, 1, INT64_MAX,
+                        what="an array of {name, dtype, shape} maps, one per array"),
+        "rank": Field(int, low=0, high=MAX_STATS_RANK, what=f"an int in 0..{MAX_STATS_RANK}"),
+        "wait_ms": WAIT_FIELD,
+    },
 }
-# Ops whose request carries a payload frame: push (the samples), model.merge (the weights).
-PAYLOAD_OPS = {"push": "the samples", "model.merge": "the arrays' float32 bytes"}
+# Ops whose request carries a payload frame: push (the samples), model.merge and
+# model.stats (the weights).
+PAYLOAD_OPS = {"push": "the samples", "model.merge": "the arrays' float32 bytes",
+               "model.stats": "the arrays' float32 bytes"}
 
 
 def check_field(header: dict, name: str, field: Field) -> Any:

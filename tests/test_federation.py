@@ -1,9 +1,10 @@
-"""model.get and model.merge end to end: a real daemon on loopback (ephemeral ports), the
-real OnlineLearner (tiny), the lean ModelClient."""
+"""model.get, model.merge and model.stats end to end: a real daemon on loopback (ephemeral
+ports), the real OnlineLearner (tiny), the lean ModelClient."""
 from __future__ import annotations
 
 import threading
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -217,6 +218,31 @@ def test_bad_merges_get_their_codes_and_the_daemon_keeps_serving(start):
     assert ping(daemon.address)["ok"]
     assert client.get_model().merges == 0  # nothing was applied
     assert client.merge(labels, arrays)["merged"]
+
+
+def test_stats_returns_the_buffers_class_moments_and_merges_nothing(start):
+    daemon = start(n=60, method="derpp", max_classes=4)
+    client = ModelClient(daemon.address)
+    site = client.get_model()
+    labels, arrays = global_model(site, order=[2, 0, 1], extra=["a", "b", "c"], scale=1.1)
+    stats = client.class_stats(labels, arrays)  # 6 labels > max_classes: nothing is added
+    learner = daemon.learner
+    assert sorted(stats.labels) == [0, 1, 2] and sum(stats.counts) == len(learner.buffer)
+    dim = learner.student.head.in_features
+    assert stats.mean.shape == stats.var.shape == (3, dim)
+    assert np.isfinite(stats.mean).all() and (stats.var >= 0).all()
+    after = client.get_model()
+    assert after.merges == 0 and after.labels == [0, 1, 2]
+    for name, value in site.arrays.items():
+        np.testing.assert_array_equal(after.arrays[name], value, err_msg=name)
+    frames = merge_frames(labels, arrays)
+    frames[0] = pack({**msgpack.unpackb(frames[0]), "op": "model.stats"})
+    cases = {"missing payload frame": ([frames[0]], ErrorCode.BAD_REQUEST),
+             "short payload": ([frames[0], frames[1][:-4]], ErrorCode.BAD_SHAPE)}
+    for what, (sent, code) in cases.items():
+        reply = raw_request(daemon.address, *sent)
+        assert reply.get("error") == code, (what, reply)
+    assert get_status(daemon.address)["refused"]["internal"] == 0
 
 
 def test_a_checkpoint_after_a_merge_restores_the_merged_weights(tmp_path, run_daemons):

@@ -1,8 +1,9 @@
 """A real federation on loopback: a SuperLink, 3 SuperNodes and 3 edgecl daemons, each daemon
 fed a different part of Split-MNIST, with TLS, Flower's node authentication and CURVE.
 
-After the rounds every site's newest ONNX snapshot knows all ten digits and scores on the
-classes of the other sites; no acked sample is lost; every process started is stopped."""
+Each round the server's head calibration queries every site's class statistics; after the
+rounds every site's newest ONNX snapshot knows all ten digits and scores on the classes of
+the other sites; no acked sample is lost; every process started is stopped."""
 from __future__ import annotations
 
 import psutil
@@ -33,5 +34,8 @@ def test_three_sites_federate_and_every_snapshot_knows_all_ten_digits(tmp_path):
     rounds = trial.results["rounds"]
     for r in range(1, ROUNDS + 1):
         assert rounds[str(r)]["bytes_up"] > 0 and rounds[str(r)]["bytes_down"] >= 0
+        # every site answered the head calibration's query (model.stats through Flower)
+        assert rounds[str(r)]["calibrated"]["sites"] == 3, rounds[str(r)]
+        assert rounds[str(r)]["calibrated"]["labels"] >= 3
     left = {p.pid for p in psutil.Process().children(recursive=True)} - before
     assert not left, f"processes left running: {left}"

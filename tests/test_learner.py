@@ -39,6 +39,24 @@ def test_it_learns_a_pair_of_real_digits():
     assert accuracy > 0.9
 
 
+def test_batchnorm_running_statistics_start_from_the_first_batches_not_from_init(digits):
+    """Warm start: the first step's running variance is that batch's, not 0.9 x the initial 1
+    (which made every input embed alike in eval mode for tens of steps); from 1/momentum
+    batches on the momentum is the configured one."""
+    x, y = digits
+    learner = OnlineLearner(LearnerConfig(method="finetune", iterations=1, **SMALL))
+    learner.learn_many(x[:16], list(y[:16]))
+    norms = [m for m in learner.student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms[0].momentum == 1.0
+    assert float(norms[0].running_var.max()) < 0.5  # batch variances of [0, 1] images
+    for start in range(16, 16 + 10 * 8, 8):  # 11 batches in all: past 1/0.1
+        learner.learn_many(x[start:start + 8], list(y[start:start + 8]))
+    assert all(m.momentum == learner.config.bn_momentum for m in norms)
+    with torch.inference_mode():
+        embedded = learner.eval_model().embed(learner._to_tensor(x[:64]))
+    assert float(embedded.std(dim=0).mean()) > 0.05  # inputs do not all embed alike
+
+
 def test_string_labels_and_one_at_a_time(digits):
     x, y = digits
     names = {0: "zero", 1: "one", 2: "two", 3: "three"}

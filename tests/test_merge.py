@@ -105,6 +105,28 @@ def test_backbone_replaced_and_bn_modes():
         site.merge_global(labels, arrays, bn="nope")
 
 
+def test_class_statistics_are_the_buffers_embedding_moments_under_the_global_backbone():
+    site = learner()
+    labels, arrays = global_from(site, extra=["new"])
+    before = state(site)
+    got = site.class_statistics(arrays)
+    for name, value in state(site).items():  # computed on a copy: the learner is unchanged
+        torch.testing.assert_close(value, before[name])
+    twin = learner()
+    twin.merge_global(labels, arrays)  # the model the site would run after merging it
+    n = len(twin.buffer)
+    with torch.inference_mode():
+        emb = twin.eval_model().embed(twin._to_tensor(twin.buffer.x[:n])).double().numpy()
+    y = np.array([twin.labels[k] for k in twin.buffer.y[:n]])
+    assert sorted(got["labels"]) == sorted(set(y.tolist())) and sum(got["counts"]) == n
+    for label, count, mean, var in zip(got["labels"], got["counts"], got["mean"], got["var"]):
+        assert count == (y == label).sum()
+        np.testing.assert_allclose(mean, emb[y == label].mean(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(var, emb[y == label].var(0), rtol=1e-3, atol=1e-5)
+    local = site.class_statistics(arrays, bn="local")  # the site's own running statistics
+    assert not np.allclose(local["mean"], got["mean"])
+
+
 def test_a_merge_is_a_consolidation_point_and_keeps_the_buffer():
     site = learner()
     buffer_x, buffer_logits = site.buffer.x.copy(), site.buffer.logits.copy()

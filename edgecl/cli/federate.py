@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     local.add_argument("--split", choices=("disjoint", "overlap"), default="disjoint")
     local.add_argument("--rounds", type=int, default=3)
     local.add_argument("--strategy", choices=("class-aware", "fedavg"), default="class-aware")
+    local.add_argument("--calibration", choices=("features", "none"), default="features",
+                       help="refit the global head on the sites' class statistics each "
+                       "round (default), or not")
     local.add_argument("--seed", type=int, default=0)
     local.add_argument("--train-per-class", type=int, default=200,
                        help="training digits per class (of 400; default 200, for speed)")
@@ -88,6 +91,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     try:
         trial = run_trial(work, args.sites, args.split, args.rounds, args.strategy, args.seed,
                           args.train_per_class, secure=not args.insecure,
+                          calibration=args.calibration,
                           progress=lambda line: print(line, flush=True))
         print(f"\naccuracy of each site's newest snapshot on all ten digits "
               f"({args.strategy}, {args.split}):")

@@ -11,10 +11,10 @@ from edgecl.client.connection import (DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Connec
                                       DaemonError, DaemonUnavailable, LazyPirate, PushRefused,
                                       RequestRefused, get_status, new_socket, ping)
 from edgecl.client.device import DeviceClient, pull_and_score, verify_installed
-from edgecl.client.federation import ModelClient, SiteModel
+from edgecl.client.federation import ClassStats, ModelClient, SiteModel
 from edgecl.client.sensor import PushStats, SensorClient, _as_batch, iter_batches
 
-__all__ = ["DEFAULT_RETRIES", "DEFAULT_TIMEOUT_S", "Connection", "DaemonError",
+__all__ = ["ClassStats", "DEFAULT_RETRIES", "DEFAULT_TIMEOUT_S", "Connection", "DaemonError",
            "DaemonUnavailable", "DeviceClient", "LazyPirate", "ModelClient", "PushRefused",
            "PushStats", "RequestRefused", "SensorClient", "SiteModel", "get_status",
            "iter_batches", "new_socket", "ping", "pull_and_score", "verify_installed",

@@ -6,6 +6,9 @@ the global model (`model.merge`); the daemon merges between two learning steps.
 - train: merge the global model the message carries (none in the first round), let the
   daemon learn `local-samples` more samples (at most `local-timeout-s`), then reply with
   the site's student.
+- query: the per-class embedding statistics of the daemon's replay buffer under the
+  message's model (`model.stats`: computed on a copy, nothing merged), for the server's
+  head calibration.
 - evaluate: merge the round's global model, so every site holds it between rounds. With
   `eval-npz` in the node config, ask the daemon for a fresh snapshot, pull it like a device
   and score it with onnxruntime on that file's `x`, `y`.
@@ -29,7 +32,7 @@ from edgecl.client import ModelClient
 from edgecl.client.connection import get_status
 from edgecl.client.device import pull_and_score
 from edgecl.federation.aggregate import SiteModel
-from edgecl.federation.records import content_global, site_content
+from edgecl.federation.records import content_global, site_content, stats_content
 from edgecl.security import client_curve
 
 POLL_S = 0.5
@@ -97,6 +100,19 @@ def train(msg: Message, context: Context) -> Message:
     model = SiteModel(list(got.labels), list(got.counts), int(got.learned_since_merge),
                       dict(got.arrays), arch=got.arch, name=site.name)
     return Message(site_content(model, got.samples_learned), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    site = Site.from_context(context)
+    model = content_global(msg.content)
+    if model is None:
+        raise ValueError("a stats query carries the round's global model; this one has none")
+    with site.client() as client:
+        stats = client.class_stats(model.labels, model.arrays,
+                                   rank=int(msg.content["config"].get("rank", 16)),
+                                   wait_ms=int(site.timeout * 1000))
+    return Message(stats_content(stats, site.name), reply_to=msg)
 
 
 def score_snapshot(site: Site) -> dict:

@@ -6,6 +6,10 @@ first aggregation) and `config` with `labels` (JSON: ints and strings stay apart
 settings. Site -> server (train replies): `arrays` (the site's student), `metrics`
 (`num-examples`: samples learned since the last merge, the backbone weight) and `site`
 (`labels`, `counts`, `arch`, `name`).
+Server -> site (query messages, the head calibration): the round's aggregated model, as in a
+train message, and `config` `rank`. Site -> server (query replies): `stats` (`mean`, `var`
+and `components`, one entry per label of the site's buffer: its embeddings' moments and
+principal directions under that model) and `site` (`labels`, `counts`, `name`).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import json
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from edgecl.client.federation import ClassStats
 from edgecl.federation.aggregate import GlobalModel, SiteModel
 
 
@@ -74,3 +79,23 @@ def content_site(content: RecordDict) -> SiteModel:
     return SiteModel(decode_labels(site["labels"]), list(site["counts"]),
                      int(content["metrics"]["num-examples"]), record_arrays(content["arrays"]),
                      arch=str(site["arch"]), name=str(site["name"]))
+
+
+def stats_content(stats: ClassStats, name: str) -> RecordDict:
+    """A query reply: the site's per-class embedding statistics."""
+    return RecordDict({
+        "stats": arrays_record({"mean": stats.mean, "var": stats.var,
+                                "components": stats.components}),
+        "site": ConfigRecord({"labels": encode_labels(stats.labels),
+                              "counts": [int(c) for c in stats.counts], "name": name}),
+    })
+
+
+def content_stats(content: RecordDict) -> ClassStats:
+    site, moments = content["site"], record_arrays(content["stats"])
+    labels, counts = decode_labels(site["labels"]), [int(c) for c in site["counts"]]
+    mean, var, comps = moments["mean"], moments["var"], moments["components"]
+    if not (len(labels) == len(counts) == len(mean) == len(var) == len(comps)) \
+            or mean.shape != var.shape or comps.shape[::2] != mean.shape:
+        raise ValueError("stats: labels, counts, mean, var and components disagree")
+    return ClassStats(labels, counts, mean, var, comps)

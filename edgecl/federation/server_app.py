@@ -2,7 +2,9 @@
 site, aggregated by `SiteAwareFedAvg`.
 
 Run config (the app's pyproject.toml, or `flwr run ... --run-config`):
-`num-rounds`, `strategy` (`class-aware` | `fedavg`), `min-sites`, `local-samples` and
+`num-rounds`, `strategy` (`class-aware` | `fedavg`), `calibration` (`features`: refit the
+head on the sites' class statistics each round | `none`), `calibration-rank` (principal
+directions per class in those statistics, 0..64), `min-sites`, `local-samples` and
 `local-timeout-s` (how long a site learns between rounds), `round-timeout-s`, and
 `results-file` (a JSON file the ServerApp writes each round's figures to; empty: none).
 """
@@ -16,11 +18,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from edgecl.federation.aggregate import STRATEGIES
-from edgecl.federation.strategy import SiteAwareFedAvg
+from edgecl.federation.strategy import CALIBRATIONS, SiteAwareFedAvg
 
 log = logging.getLogger("edgecl.federation")
 
-RUN_DEFAULTS = {"num-rounds": 10, "strategy": "class-aware", "min-sites": 2,
+RUN_DEFAULTS = {"num-rounds": 10, "strategy": "class-aware", "calibration": "features",
+                "calibration-rank": 16, "min-sites": 2,
                 "local-samples": 256, "local-timeout-s": 120.0, "round-timeout-s": 900.0,
                 "results-file": ""}
 
@@ -33,6 +36,11 @@ def run_settings(run_config) -> dict:
     if settings["strategy"] not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, "
                          f"not {settings['strategy']!r}")
+    if settings["calibration"] not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, "
+                         f"not {settings['calibration']!r}")
+    if not 0 <= int(settings["calibration-rank"]) <= 64:
+        raise ValueError("calibration-rank must be 0..64")
     for key in ("num-rounds", "min-sites"):
         if int(settings[key]) < 1:
             raise ValueError(f"{key} must be >= 1")
@@ -51,7 +59,11 @@ def write_results(path: str, strategy: SiteAwareFedAvg, settings: dict) -> None:
 def main(grid: Grid, context: Context) -> None:
     settings = run_settings(context.run_config)
     sites = int(settings["min-sites"])
-    strategy = SiteAwareFedAvg(aggregation=settings["strategy"], min_available_nodes=sites,
+    strategy = SiteAwareFedAvg(aggregation=settings["strategy"],
+                               calibration=settings["calibration"],
+                               calibration_rank=int(settings["calibration-rank"]),
+                               query_timeout=float(settings["round-timeout-s"]),
+                               min_available_nodes=sites,
                                min_train_nodes=sites, min_evaluate_nodes=sites)
     site_config = ConfigRecord({"local-samples": int(settings["local-samples"]),
                                 "local-timeout-s": float(settings["local-timeout-s"])})

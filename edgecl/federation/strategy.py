@@ -6,7 +6,10 @@ what travels and how it is combined:
 - train and evaluate messages carry the global model's labels and counts and a `merge-id`
   beside its arrays (records.py);
 - `aggregate_train` aligns the sites' heads by label and combines them with
-  `aggregate.aggregate` (`class-aware` by default, or plain `fedavg` for comparison);
+  `aggregate.aggregate` (`class-aware` by default, or plain `fedavg` for comparison); then,
+  with `calibration="features"` (the default), it sends the aggregated model to the same
+  sites as a query, and refits the head on the per-class embedding statistics they reply
+  (calibrate.py) before the model goes out;
 - every round's figures (per-site metrics, bytes each way, round time) are kept in
   `rounds`, for the ServerApp to write out.
 """
@@ -21,7 +24,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from edgecl.federation.aggregate import GlobalModel, aggregate
-from edgecl.federation.records import arrays_record, content_site, global_content
+from edgecl.federation.calibrate import calibrate_head
+from edgecl.federation.records import (arrays_record, content_site, content_stats,
+                                       global_content)
+
+CALIBRATIONS = ("features", "none")
 
 log = logging.getLogger("edgecl.federation")
 
@@ -29,9 +36,17 @@ log = logging.getLogger("edgecl.federation")
 class SiteAwareFedAvg(FedAvg):
     """FedAvg whose aggregation knows that each site's head has its own classes."""
 
-    def __init__(self, aggregation: str = "class-aware", **kwargs):
+    def __init__(self, aggregation: str = "class-aware", calibration: str = "features",
+                 calibration_rank: int = 16, query_timeout: float = 600.0, **kwargs):
         super().__init__(**kwargs)
+        if calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, "
+                             f"not {calibration!r}")
         self.aggregation = aggregation
+        self.calibration = calibration
+        self.calibration_rank = calibration_rank
+        self.query_timeout = query_timeout
+        self._grid: Grid | None = None
         self.model: GlobalModel | None = None
         self.run_tag = str(int(time.time() * 1000))
         self.rounds: dict[int, dict] = {}
@@ -63,6 +78,7 @@ class SiteAwareFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._round_start = time.monotonic()
+        self._grid = grid
         return self._messages(server_round, config, grid, MessageType.TRAIN,
                               self.fraction_train, self.min_train_nodes)
 
@@ -86,6 +102,8 @@ class SiteAwareFedAvg(FedAvg):
         stats = self._round(server_round)
         stats["bytes_up"] += sum(m.content["arrays"].count_bytes() for m in valid)
         self.model = aggregate(sites, self.aggregation)
+        if self.calibration == "features" and self._grid is not None:
+            self._calibrate(server_round, [m.metadata.src_node_id for m in valid])
         self._aggregations += 1
         stats["labels"] = list(self.model.labels)
         for site in sites:
@@ -94,6 +112,35 @@ class SiteAwareFedAvg(FedAvg):
         metrics = MetricRecord({"sites": len(sites),
                                 "num-examples": sum(s.learned_since_merge for s in sites)})
         return arrays_record(self.model.arrays), metrics
+
+    def _calibrate(self, server_round: int, node_ids: list[int]) -> None:
+        """Ask the sites for their classes' embedding statistics under the aggregated model
+        and refit its head on them. A site that does not answer is left out (logged)."""
+        started = time.monotonic()
+        content = global_content(self.model, ConfigRecord({"server-round": server_round,
+                                                           "rank": self.calibration_rank}))
+        messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node)
+                    for node in node_ids]
+        replies = list(self._grid.send_and_receive(messages, timeout=self.query_timeout))
+        reports, stats = [], self._round(server_round)
+        stats["bytes_down"] += content["arrays"].count_bytes() * len(node_ids)
+        for msg in replies:
+            if msg.has_error():
+                log.warning("round %d: node %d sent no class statistics: %s", server_round,
+                            msg.metadata.src_node_id, msg.error.reason)
+                continue
+            try:
+                reports.append(content_stats(msg.content))
+                stats["bytes_up"] += msg.content["stats"].count_bytes()
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("round %d: dropped node %d's class statistics: %s", server_round,
+                            msg.metadata.src_node_id, exc)
+        arrays = self.model.arrays
+        arrays["head.weight"], arrays["head.bias"], fitted = calibrate_head(
+            self.model.labels, arrays["head.weight"], arrays["head.bias"], reports,
+            seed=server_round)
+        stats["calibrated"] = {"labels": len(fitted), "sites": len(reports),
+                               "seconds": time.monotonic() - started}
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

@@ -127,7 +127,8 @@ def site_accuracy(results: dict, round_no: int) -> dict:
 def run_trial(workdir, sites: int = 3, split: str = "disjoint", rounds: int = 3,
               strategy: str = "class-aware", seed: int = 0, train_per_class: int = 400,
               secure: bool = True, daemon_args: list[str] = (), push_seconds: float = 0.0,
-              local_timeout_s: float = 60.0, progress=print) -> TrialResult:
+              local_timeout_s: float = 60.0, calibration: str = "features",
+              progress=print) -> TrialResult:
     """A local federation on Split-MNIST: start it, push every site's stream (spread over
     `push_seconds`), run `rounds` rounds (between two, each site learns 1/rounds of its
     stream or waits `local_timeout_s`), wait until every acked sample is learned, stop
@@ -150,6 +151,7 @@ def run_trial(workdir, sites: int = 3, split: str = "disjoint", rounds: int = 3,
         pushers = [push_stream(site.address, s, site.sensor_curve, seconds=push_seconds)
                    for s, site in zip(streams, fed.sites)]
         results = fed.run({"num-rounds": rounds, "strategy": strategy,
+                           "calibration": calibration,
                            "local-samples": per_round, "local-timeout-s": local_timeout_s})
         for t in pushers:
             t.join(600)

@@ -133,6 +133,12 @@ class OnlineLearner:
         """Merge a global model into this learner (merge.py): labels aligned by name."""
         return merge.merge_into(self, list(labels), arrays, bn, refresh=refresh_batchnorm)
 
+    def class_statistics(self, arrays: dict, bn: str = "global",
+                         rank: int = merge.STATS_RANK) -> dict:
+        """Per-class embedding statistics of the buffer under a candidate global backbone
+        (merge.py), for a server calibrating the global head; this learner is unchanged."""
+        return merge.class_statistics(self, arrays, bn, refresh=refresh_batchnorm, rank=rank)
+
     def offer_many(self, x, y: Sequence) -> int:
         """Offer samples to the replay buffer without a gradient step: what a learner that
         cannot keep up with its stream does with the samples it has no time to train on,
@@ -356,6 +362,7 @@ class OnlineLearner:
                 else:
                     step.anchor_logits = self.anchor(step.x)
         self.latent.train(self.student)
+        warm_start_batchnorm(self.student, self.config.bn_momentum)
         # the train-mode forward moves BatchNorm's running statistics before the loss is
         # known; a skipped step puts them back, so a non-finite batch cannot poison eval mode
         bn_before = {k: v.clone() for k, v in self.student.named_buffers()}
@@ -594,6 +601,18 @@ def make_optimizer(params, config: LearnerConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+
+
+def warm_start_batchnorm(model: EdgeNet, momentum: float) -> None:
+    """Until a BatchNorm layer has tracked 1/momentum batches, its running statistics are
+    the plain mean of the batches it saw (momentum 1/(n+1)), not an exponential average
+    that still holds most of the initial mean 0 and variance 1. Those initial values are
+    far from a fresh student's activations, and their error compounds layer by layer: in
+    eval mode (predictions, exports, merged models) every input then embeds alike and the
+    model predicts one class for its first tens of steps."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and m.training:
+            m.momentum = max(momentum, 1.0 / (int(m.num_batches_tracked) + 1))
 
 
 @torch.no_grad()

@@ -12,11 +12,14 @@ model (e.g. a Flower aggregate of several sites' students) into it.
   backbone is replaced (BatchNorm statistics per `bn`); the optimizer state is reset; then
   the merged model is a consolidation point, so EWC++ and the anchor terms pull toward it.
   The replay buffer, with DER++'s stored logits, is kept.
+- `class_statistics`: per-class embedding statistics of the buffer under a candidate global
+  backbone, for a server that calibrates the global head (edgecl/federation/calibrate.py).
 
 Knows nothing of daemons or sockets (docs/architecture.md).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any, Sequence
@@ -117,16 +120,74 @@ def check_arrays(learner, labels: list, arrays: dict[str, np.ndarray]) -> None:
 def _merged_state(learner, labels: list, arrays: dict[str, np.ndarray], bn: str) -> dict:
     """The student's state_dict with the global arrays in: the head by label, BatchNorm's
     running statistics kept under bn='local', integer buffers always kept."""
-    state = learner.student.state_dict()
+    state = _backbone_state(learner.student, arrays, bn)
     site_rows = torch.tensor([learner.index[label] for label in labels], dtype=torch.long)
     for name, value in arrays.items():
-        tensor = torch.from_numpy(np.array(value, dtype=np.float32))
         if is_head(name):
             merged = state[name].detach().clone()
-            merged[site_rows] = tensor.to(merged.dtype)
+            merged[site_rows] = torch.from_numpy(np.array(value, dtype=np.float32))
             state[name] = merged
-        elif bn == "local" and name.rsplit(".", 1)[-1] in BN_STATS:
-            continue
-        else:
-            state[name] = tensor.to(state[name].dtype)
     return state
+
+
+def _backbone_state(model: torch.nn.Module, arrays: dict[str, np.ndarray], bn: str) -> dict:
+    """`model`'s state_dict with every global array but the head in (BatchNorm's running
+    statistics kept under bn='local', integer buffers always kept)."""
+    state = model.state_dict()
+    for name, value in arrays.items():
+        if is_head(name) or (bn == "local" and name.rsplit(".", 1)[-1] in BN_STATS):
+            continue
+        state[name] = torch.from_numpy(np.array(value, dtype=np.float32)).to(state[name].dtype)
+    return state
+
+
+STATS_RANK = 16  # principal directions per class in class_statistics
+
+
+@torch.no_grad()
+def class_statistics(learner, arrays: dict[str, np.ndarray], bn: str = "global",
+                     refresh=None, rank: int = STATS_RANK, chunk: int = 100) -> dict:
+    """Per-class statistics of the replay buffer's embeddings under a candidate global
+    model's backbone, as this site would run it after merging it (BatchNorm per `bn`, eval
+    mode, as the merged model predicts and is exported), computed on a copy: the learner is
+    not changed. What a server needs to calibrate the global head on every site's classes
+    without seeing a sample (CCVR, Luo et al., "No Fear of Heterogeneity", NeurIPS 2021):
+    for each label in the buffer, the number of samples, the mean and variance of each
+    embedding dimension, and the class's `rank` leading principal directions scaled by
+    their standard deviation (rows of zeros past the class's sample count): embedding
+    dimensions are strongly correlated, and a head fitted to independent ones misjudges
+    where classes overlap."""
+    if learner.student is None:
+        raise RuntimeError("the learner has no student yet: it has learned nothing")
+    model = copy.deepcopy(learner.student)
+    model.load_state_dict(_backbone_state(model, arrays, bn), strict=True)
+    n = len(learner.buffer)
+    x = learner._to_tensor(learner.buffer.x[:n]) if n else None
+    if bn == "refresh" and n:
+        refresh(model, x)
+    model.eval()
+    feats = [model.embed(x[i:i + chunk]) for i in range(0, n, chunk)]
+    emb = torch.cat(feats).double().numpy() if feats else np.zeros((0, model.head.in_features))
+    y = learner.buffer.y[:n]
+    rows = [int(k) for k in np.unique(y)]
+    per_class = [emb[y == k] for k in rows]
+    dim = emb.shape[1]
+    return {"labels": [learner.labels[k] for k in rows],
+            "counts": [len(f) for f in per_class],
+            "mean": np.array([f.mean(0) for f in per_class], "<f4").reshape(-1, dim),
+            "var": np.array([f.var(0) for f in per_class], "<f4").reshape(-1, dim),
+            "components": np.array([principal_directions(f, rank) for f in per_class],
+                                   "<f4").reshape(-1, rank, dim)}
+
+
+def principal_directions(f: np.ndarray, rank: int) -> np.ndarray:
+    """The `rank` leading principal directions of the rows of `f`, each scaled by the
+    standard deviation along it (so that they sum, as outer products, to the covariance
+    within that subspace); zero rows past what the samples span."""
+    out = np.zeros((rank, f.shape[1]))
+    if rank == 0 or len(f) < 2:
+        return out
+    _, s, vt = np.linalg.svd(f - f.mean(0), full_matrices=False)
+    k = min(rank, len(s))
+    out[:k] = vt[:k] * (s[:k, None] / np.sqrt(len(f)))
+    return out

@@ -1,5 +1,6 @@
-"""Federation on the daemon: `model.get` (read the student) and `model.merge` (merge a global
-model in), for a site's Flower client. Built on the daemon's extension points, like the
+"""Federation on the daemon: `model.get` (read the student), `model.merge` (merge a global
+model in) and `model.stats` (per-class embedding statistics of the replay buffer under a
+candidate global model, for the server's head calibration), for a site's Flower client. Built on the daemon's extension points, like the
 snapshot service:
 
 - The socket loop never runs torch. Its handlers check a request (a merge completely: names,
@@ -7,8 +8,9 @@ snapshot service:
   which the learner thread publishes as plain data, then post the request and hold the reply
   (long poll, `wait_ms`).
 - The learner thread, between two learning steps (a learner hook) or when the stream is idle
-  (an idle hook), copies the student into numpy or applies the merge
-  (edgecl/learn/merge.py), and leaves the outcome for the held request. Acked samples are
+  (an idle hook), copies the student into numpy, applies the merge or computes the
+  statistics on a copy (edgecl/learn/merge.py), and leaves the outcome for the held
+  request. Acked samples are
   not touched: they stay queued, and are learned once, before or after the merge.
 - A merge marks the model changed for the snapshot service (a new snapshot although nothing
   new was learned) and for the checkpoint keeper; `merge_id` and the merge counters are in
@@ -24,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.wire import INT64_MAX, ErrorCode, WireError, check_labels, show_value
+from edgecl.wire import (DEFAULT_STATS_RANK, INT64_MAX, ErrorCode, WireError, check_labels,
+                         show_value)
 
 log = logging.getLogger("edgecl.federation")
 
@@ -35,14 +38,14 @@ _DUPLICATE = object()     # header key: this merge repeats the last merge_id
 
 
 class FederationService:
-    """The two ops' socket-loop halves, and the learner hook that does their work."""
+    """The ops' socket-loop halves, and the learner hook that does their work."""
 
     def __init__(self, daemon, bn: str):
         self.daemon = daemon
         self.bn = bn
         self._lock = threading.Lock()
         self._pending: list[tuple[int, str, Any]] = []  # (ticket, kind, request): loop -> learner
-        self._gets: dict[int, Any] = {}                  # ticket -> reply fields or WireError
+        self._gets: dict[int, Any] = {}  # ticket -> get or stats reply fields, or WireError
         self._abandoned: set[int] = set()  # gets whose wait ended while the learner read
         self._merges: OrderedDict[int, Any] = OrderedDict()
         self._tickets = 0
@@ -62,20 +65,34 @@ class FederationService:
             work, self._pending = self._pending, []
         for ticket, kind, request in work:
             try:
-                outcome = self._read(learner) if kind == "get" else self._merge(learner, request)
+                outcome = self._work(learner, kind, request)
             except Exception as exc:
                 log.exception("model.%s failed in the learner thread", kind)
                 outcome = WireError(ErrorCode.INTERNAL, f"model.{kind} failed in the learner: "
                                                         f"{type(exc).__name__}: {exc}"[:250])
             with self._lock:
-                if kind == "get" and ticket in self._abandoned:
+                if kind != "merge" and ticket in self._abandoned:
                     self._abandoned.discard(ticket)  # nobody waits for it any more
-                elif kind == "get":
+                elif kind != "merge":
                     self._gets[ticket] = outcome
                 else:
                     self._merges[ticket] = outcome
                     while len(self._merges) > KEPT_MERGES:
                         self._merges.popitem(last=False)
+
+    def _work(self, learner, kind: str, request: Any) -> dict:
+        if kind == "get":
+            return self._read(learner)
+        if kind == "stats":
+            return self._stats(learner, request)
+        return self._merge(learner, request)
+
+    def _stats(self, learner, request: dict) -> dict:
+        out = learner.class_statistics(request["arrays"], bn=self.bn, rank=request["rank"])
+        return {"labels": out["labels"], "counts": out["counts"], "bn": self.bn,
+                "arrays": [{"name": name, "dtype": "float32", "shape": list(out[name].shape),
+                            "data": np.ascontiguousarray(out[name], "<f4").tobytes()}
+                           for name in ("mean", "var", "components")]}
 
     def _publish_layout(self, learner) -> None:
         from edgecl.learn.merge import layout
@@ -143,13 +160,29 @@ class FederationService:
             header.setdefault("wait_ms", DEFAULT_WAIT_MS)
             header[_TICKET] = self._post("get", None)
             return None  # held: the learner answers between two steps
+        return self._held_reply(header, "model.get")
+
+    def op_stats(self, header: dict, payload) -> dict | None:
+        """Check the candidate model like a merge, post it for the learner thread (which
+        computes the statistics on a copy: nothing is merged) and hold the reply."""
+        if _TICKET not in header:
+            request = self._check_merge(header, payload, new_classes_ok=True)
+            request["rank"] = header.get("rank", DEFAULT_STATS_RANK)
+            header.setdefault("wait_ms", DEFAULT_WAIT_MS)
+            header[_TICKET] = self._post("stats", request)
+            return None
+        return self._held_reply(header, "model.stats")
+
+    def _held_reply(self, header: dict, op: str) -> dict | None:
+        """A held get or stats request's reply once the learner left it; `busy` (and the
+        request withdrawn) when its wait_ms ran out first."""
         ticket, expired = header[_TICKET], header["wait_ms"] == 0
         with self._lock:
             outcome = self._gets.pop(ticket, None)
             if outcome is None and expired:  # the wait is over: withdraw the request
                 self._pending = [p for p in self._pending if p[0] != ticket]
                 self._abandoned.add(ticket)
-        return _answer(outcome, expired, "the learner did not answer model.get within "
+        return _answer(outcome, expired, f"the learner did not answer {op} within "
                                          "wait_ms (a long step, a checkpoint); retry")
 
     def op_merge(self, header: dict, payload) -> dict | None:
@@ -193,8 +226,9 @@ class FederationService:
         with self._lock:
             return next(iter(self._merges), 0) - 1 if self._merges else 0
 
-    def _check_merge(self, header: dict, payload) -> dict:
-        """Everything about a merge that can be wrong, before it is queued."""
+    def _check_merge(self, header: dict, payload, new_classes_ok: bool = False) -> dict:
+        """Everything about a merge (or a stats request's model) that can be wrong, before
+        it is queued. A stats request adds no class, so serve.max_classes does not apply."""
         layout = self._require_layout()
         labels = check_labels(header["labels"], len(header["labels"]),
                               self.daemon.config.serve.max_label_chars)
@@ -205,7 +239,8 @@ class FederationService:
                 type(c) is int and 0 <= c <= INT64_MAX for c in counts)):
             raise WireError(ErrorCode.BAD_REQUEST, "counts: expected one int >= 0 per label")
         shapes = _check_specs(header["arrays"], layout, len(labels))
-        self._check_class_count(labels)
+        if not new_classes_ok:
+            self._check_class_count(labels)
         arrays = _decode_arrays(payload, layout["names"], shapes)
         return {"labels": labels, "counts": counts, "arrays": arrays,
                 "merge_id": header.get("merge_id")}
@@ -260,7 +295,8 @@ def _decode_arrays(payload, names: list, shapes: list) -> dict[str, np.ndarray]:
     """The payload as float32 arrays (a copy: the frame is not kept); bad_shape if its size
     is not the arrays' total, bad_value if any value is NaN or infinite."""
     if payload is None:
-        raise WireError(ErrorCode.BAD_REQUEST, "model.merge needs a payload frame")
+        raise WireError(ErrorCode.BAD_REQUEST, "model.merge and model.stats need a payload "
+                        "frame")
     sizes = [prod(shape) for shape in shapes]
     view = memoryview(payload)
     if view.nbytes != 4 * sum(sizes):
@@ -277,11 +313,13 @@ def _decode_arrays(payload, names: list, shapes: list) -> dict[str, np.ndarray]:
 
 
 def start_federation(daemon) -> FederationService:
-    """model.get and model.merge on `daemon`, with their hooks and checkpointed state."""
+    """model.get, model.merge and model.stats on `daemon`, with their hooks and
+    checkpointed state."""
     service = FederationService(daemon, daemon.config.federation.bn)
     daemon.add_state_part("federation", service.state_dict, service.load_state_dict)
     daemon.add_learner_hook(service.on_step)
     daemon.add_idle_hook(lambda learner, samples: service.on_step(learner, samples))
     daemon.register_op("model.get", service.op_get, long_poll=True)
     daemon.register_op("model.merge", service.op_merge, long_poll=True)
+    daemon.register_op("model.stats", service.op_stats, long_poll=True)
     return service

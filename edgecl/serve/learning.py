@@ -59,12 +59,14 @@ class OffersToBuffer(Protocol):
 
 @runtime_checkable
 class Federates(Protocol):
-    """A learner that can be one site of a federation (model.get, model.merge;
+    """A learner that can be one site of a federation (model.get, model.merge, model.stats;
     edgecl/serve/federation.py): OnlineLearner."""
 
     def model_arrays(self) -> list: ...
 
     def merge_global(self, labels: Sequence, arrays: dict, bn: str = "global") -> dict: ...
+
+    def class_statistics(self, arrays: dict, bn: str = "global", rank: int = 16) -> dict: ...
 
 
 @runtime_checkable

@@ -1,0 +1,113 @@
+"""Calibrating the global head on every site's classes (numpy only, no Flower, no torch).
+
+Averaging students whose sites saw different classes gives a backbone that no head was
+trained on: each head row was trained only against its own site's classes, on its own
+site's backbone. So after the backbone is aggregated, every site reports, for each class in
+its replay buffer, how many samples it holds and the mean and variance of their embeddings
+under that aggregated backbone, and its leading principal directions (`model.stats`; the
+samples never leave the site). The server draws the same number of virtual embeddings for
+every class from a Gaussian with those moments (the principal directions plus a diagonal
+rest) and fits the head rows of those classes to them with softmax regression, starting
+from the aggregated rows (CCVR, Luo et al., "No Fear of
+Heterogeneity: Classifier Calibration for Federated Learning with Non-IID Data", NeurIPS
+2021). A label no site reported keeps its aggregated row.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edgecl.client.federation import ClassStats
+
+VIRTUAL_PER_CLASS = 256   # virtual embeddings drawn per class
+FIT_STEPS = 300           # full-batch gradient steps of the softmax regression
+FIT_LR = 0.05
+FIT_MOMENTUM = 0.9
+SD_FLOOR = 1.0
+WEIGHT_DECAY = 1e-2
+
+
+def pool(reports: list[ClassStats]) -> dict:
+    """label -> (count, mean, variance, directions) over every site that reported it: the
+    moments of the union of their samples. The directions (rows) are every site's principal
+    directions and the sites' offsets from the pooled mean, each weighted by the site's
+    share of the samples, so that their outer products add up to the union's covariance
+    within the span they cover."""
+    parts: dict = {}
+    for report in reports:
+        comps = report.components if report.components is not None else \
+            np.zeros((len(report.labels), 0, report.mean.shape[1]), np.float32)
+        for label, n, m, v, c in zip(report.labels, report.counts, report.mean, report.var,
+                                     comps):
+            if n > 0:
+                parts.setdefault(label, []).append(
+                    (n, m.astype(np.float64), v.astype(np.float64), c.astype(np.float64)))
+    out = {}
+    for label, sites in parts.items():
+        total = sum(n for n, *_ in sites)
+        mean = sum(n * m for n, m, *_ in sites) / total
+        var = sum(n * (v + (m - mean) ** 2) for n, m, v, _ in sites) / total
+        rows = [np.sqrt(n / total) * c for n, _, _, c in sites]
+        if len(sites) > 1:
+            rows += [np.sqrt(n / total) * (m - mean)[None] for n, m, *_ in sites]
+        out[label] = (total, mean, var, np.concatenate(rows))
+    return out
+
+
+def virtual_features(pooled: dict, labels: list, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """VIRTUAL_PER_CLASS draws per reported label (equal priors: the head should not favour
+    the classes most samples came from), their rows in `labels`, and which rows those are.
+    A draw is the mean, plus a Gaussian along the principal directions, plus independent
+    Gaussian noise for the variance those directions leave over in each dimension."""
+    rows = [i for i, label in enumerate(labels) if label in pooled]
+    xs = []
+    for i in rows:
+        _, mean, var, comps = pooled[labels[i]]
+        rest = np.sqrt(np.maximum(var - (comps ** 2).sum(axis=0), 0.0))
+        xs.append(mean + rng.standard_normal((VIRTUAL_PER_CLASS, len(comps))) @ comps
+                  + rng.standard_normal((VIRTUAL_PER_CLASS, len(mean))) * rest)
+    ys = np.repeat(np.arange(len(rows)), VIRTUAL_PER_CLASS)
+    return np.concatenate(xs), ys, rows
+
+
+def fit_softmax(x: np.ndarray, y: np.ndarray, weight: np.ndarray, bias: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax regression by full-batch gradient descent with momentum, from (weight, bias).
+    It runs on standardized features (each dimension to mean 0, sd 1): embedding dimensions
+    differ in scale by orders of magnitude, and on raw ones plain gradient descent is still
+    far from the optimum after thousands of steps. The result is mapped back to raw ones."""
+    mu, var = x.mean(axis=0), x.var(axis=0)
+    sd = np.sqrt(var + SD_FLOOR * var.mean() + 1e-12)
+    z = (x - mu) / sd
+    w = weight.astype(np.float64) * sd           # the same logits on standardized inputs
+    b = bias.astype(np.float64) + weight.astype(np.float64) @ mu
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    onehot = np.eye(len(b))[y]
+    for _ in range(FIT_STEPS):
+        logits = z @ w.T + b
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        err = (p - onehot) / len(y)
+        vw = FIT_MOMENTUM * vw + err.T @ z + WEIGHT_DECAY * w
+        vb = FIT_MOMENTUM * vb + err.sum(axis=0)
+        w -= FIT_LR * vw
+        b -= FIT_LR * vb
+    return w / sd, b - (w / sd) @ mu
+
+
+def calibrate_head(labels: list, weight: np.ndarray, bias: np.ndarray,
+                   reports: list[ClassStats], seed: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray, list]:
+    """The head (`weight`, `bias`: rows in `labels` order) refitted on the sites' class
+    statistics. Returns the new weight and bias (same shapes and dtypes) and the labels
+    that were refitted; with fewer than two reported labels nothing is refitted."""
+    pooled = pool(reports)
+    new_w, new_b = weight.copy(), bias.copy()
+    if sum(label in pooled for label in labels) < 2:
+        return new_w, new_b, []
+    x, y, rows = virtual_features(pooled, labels, np.random.default_rng([5, seed]))
+    w, b = fit_softmax(x, y, weight[rows], bias[rows])
+    new_w[rows] = w.astype(weight.dtype)
+    new_b[rows] = b.astype(bias.dtype)
+    return new_w, new_b, [labels[i] for i in rows]
