@@ -2,7 +2,7 @@
 beside one central daemon that saw everything.
 
     .venv/bin/python benchmarks/federation.py [--train-per-class 200] [--rounds 10]
-        [--configs 3:disjoint,3:overlap,5:disjoint,5:overlap] [--fedavg 3:disjoint]
+        [--configs 3:disjoint] [--fedavg CONFIGS] [--no-calibration CONFIGS]
         [--write BENCHMARKS.md]
 
 For each configuration (sites : split, edgecl/federation/trial.py):
@@ -10,14 +10,21 @@ For each configuration (sites : split, edgecl/federation/trial.py):
   learner settings), scored on the test digits of all ten classes;
 - after 1, 3 and 10 rounds: a real local federation (`edgecl.federation.local`: a SuperLink,
   a SuperNode and an `edgecl serve` daemon per site, TLS, node authentication and CURVE,
-  `flwr run`). Each site's sensor spreads its stream over --push-seconds; a round waits until
-  every site learned 1/rounds of its stream (or 60 s passed). After each round's merge every site exports a snapshot, which is
-  pulled over the wire and scored with onnxruntime (fp32) on the same test digits;
-- bytes sent per round (global model to every site, and every site's model back; Flower's
-  ArrayRecord sizes) and round time on loopback;
+  `flwr run`), with the ServerApp's defaults (class-aware aggregation, head calibration).
+  Each site's sensor spreads its stream over --push-seconds (set it to about the rounds'
+  total time, or the streams run out early); a round waits until every site learned
+  1/rounds of its stream (or 60 s passed). After each round's merge every site exports a
+  snapshot, which is pulled over the wire and scored with onnxruntime (fp32) on the same
+  test digits (a snapshot the int8 parity gate refuses is not published: the site's newest
+  is then an older one, as for its devices);
+- bytes sent per round (the global model to every site, each site's model back, and the
+  head calibration's query and class statistics; Flower's ArrayRecord sizes) and round
+  time on loopback;
 - central: one learner (in process) on every site's samples, interleaved in the order the
   sites' sensors push them.
-Configurations listed in --fedavg are also run with plain FedAvg.
+Configurations listed in --fedavg are also run with plain FedAvg, those in --no-calibration
+without head calibration. benchmarks/federation_sim.py runs the same rounds in process, on
+more cuts and seeds than this real-network run can afford.
 Results go to bench-results/federation/; --write renders the BENCHMARKS.md section.
 """
 from __future__ import annotations
@@ -54,20 +61,23 @@ def learn_alone(x: np.ndarray, y: np.ndarray, test_x, test_y, seed: int) -> floa
     return float(np.mean(predicted == test_y))
 
 
-def run_config(sites: int, split: str, strategy: str, args) -> dict:
+def run_config(sites: int, split: str, strategy: str, calibration: str, args) -> dict:
     from edgecl.federation.trial import run_trial, site_accuracy, site_streams
 
     streams, test_x, test_y = site_streams(sites, split, args.seed, args.train_per_class)
     t0 = time.time()
     before = {s.name: learn_alone(s.x, s.y, test_x, test_y, args.seed) for s in streams}
     work = Path(tempfile.mkdtemp(prefix="edgecl-fedbench-"))
-    print(f"{sites}:{split} {strategy}: alone {before} ({time.time() - t0:.0f} s); "
+    print(f"{sites}:{split} {strategy} {calibration}: alone {before} "
+          f"({time.time() - t0:.0f} s); "
           f"federating in {work}", flush=True)
     trial = run_trial(work, sites, split, args.rounds, strategy, args.seed,
                       args.train_per_class, push_seconds=args.push_seconds,
+                      calibration=calibration,
                       progress=lambda line: print(line, flush=True))
     rounds = trial.results["rounds"]
-    return {"sites": sites, "split": split, "strategy": strategy, "seed": args.seed,
+    return {"sites": sites, "split": split, "strategy": strategy,
+            "calibration": calibration, "seed": args.seed,
             "train_per_class": args.train_per_class, "rounds_run": args.rounds,
             "classes": {s.name: s.classes for s in streams}, "before": before,
             "after": {r: site_accuracy(trial.results, r) for r in range(1, args.rounds + 1)},
@@ -94,6 +104,7 @@ def mean(values) -> float:
 def row(result: dict, central: float) -> str:
     after = result["after"]
     cells = [f"{result['sites']}", result["split"], result["strategy"],
+             result.get("calibration", "none"),
              f"{mean(result['before'].values()):.1%} (max {max(result['before'].values()):.1%})"]
     for r in (1, 3, 10):
         acc = after.get(str(r), after.get(r))
@@ -120,15 +131,17 @@ def render(results: list[dict], central: dict, command: str) -> str:
         f"seed {results[0]['seed']}; the test set is the same 1,000 digits (100 per class) for "
         "every site. Accuracy is each site's newest snapshot after that round's merge, pulled "
         "over the wire and scored with onnxruntime (fp32), on all ten classes: the mean over "
-        "sites and the worst site. *Before*: each site's learner alone on its whole stream "
+        "sites and the worst site (a snapshot the int8 gate refused leaves the site's older "
+        "one). *Before*: each site's learner alone on its whole stream "
         f"(its classes only). *Central*: one learner on every site's samples, interleaved as "
         f"the sensors push them: {central['accuracy']:.1%}. Δ central: the last round's mean "
-        "minus central, in points. MB per round: global model sent to all sites / sites' "
-        "models back.",
+        "minus central, in points. MB per round: what the SuperLink sent to all sites (the "
+        "global model, twice with calibration: the query carries it) / what came back (the "
+        "sites' models and class statistics).",
         "",
-        "| sites | split | strategy | before | after 1 round | after 3 | after 10 | Δ central "
-        "| MB per round (down / up) | round s | nothing acked lost |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| sites | split | strategy | calibration | before | after 1 round | after 3 "
+        "| after 10 | Δ central | MB per round (down / up) | round s | nothing acked lost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [row(r, central["accuracy"]) for r in results]
     return "\n".join(lines) + "\n"
@@ -147,28 +160,32 @@ def main() -> int:
     p.add_argument("--train-per-class", type=int, default=200)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--push-seconds", type=float, default=400.0,
-                   help="each site's sensor spreads its stream over this long")
-    p.add_argument("--configs", default="3:disjoint,3:overlap,5:disjoint,5:overlap")
-    p.add_argument("--fedavg", default="3:disjoint")
+    p.add_argument("--push-seconds", type=float, default=1500.0,
+                   help="each site's sensor spreads its stream over this long (about the "
+                   "rounds' total time)")
+    p.add_argument("--configs", default="3:disjoint")
+    p.add_argument("--fedavg", default="")
+    p.add_argument("--no-calibration", default="")
     p.add_argument("--render", action="store_true", help="only render the saved results")
     p.add_argument("--write", metavar="MD", help="write the section into this file")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    runs = [(s, sp, "class-aware") for s, sp in parse_configs(args.configs)]
-    runs += [(s, sp, "fedavg") for s, sp in parse_configs(args.fedavg)]
+    runs = [(s, sp, "class-aware", "features") for s, sp in parse_configs(args.configs)]
+    runs += [(s, sp, "fedavg", "features") for s, sp in parse_configs(args.fedavg)]
+    runs += [(s, sp, "class-aware", "none") for s, sp in parse_configs(args.no_calibration)]
     tag = f"tpc{args.train_per_class}-r{args.rounds}-s{args.seed}"
     if not args.render:
         central = run_central(args)
         (OUT / f"central-{tag}.json").write_text(json.dumps(central))
         print(f"central: {central}", flush=True)
-        for sites, split, strategy in runs:
-            result = run_config(sites, split, strategy, args)
-            (OUT / f"{sites}-{split}-{strategy}-{tag}.json").write_text(json.dumps(result))
+        for sites, split, strategy, calibration in runs:
+            result = run_config(sites, split, strategy, calibration, args)
+            (OUT / f"{sites}-{split}-{strategy}-{calibration}-{tag}.json").write_text(
+                json.dumps(result))
             print(row(result, central["accuracy"]), flush=True)
     central = json.loads((OUT / f"central-{tag}.json").read_text())
-    results = [json.loads((OUT / f"{s}-{sp}-{st}-{tag}.json").read_text())
-               for s, sp, st in runs if (OUT / f"{s}-{sp}-{st}-{tag}.json").exists()]
+    names = [f"{s}-{sp}-{st}-{cal}-{tag}.json" for s, sp, st, cal in runs]
+    results = [json.loads((OUT / n).read_text()) for n in names if (OUT / n).exists()]
     text = render(results, central, "benchmarks/federation.py " + " ".join(sys.argv[1:]))
     print(text)
     if args.write:

@@ -22,8 +22,6 @@ VIRTUAL_PER_CLASS = 256   # virtual embeddings drawn per class
 FIT_STEPS = 300           # full-batch gradient steps of the softmax regression
 FIT_LR = 0.05
 FIT_MOMENTUM = 0.9
-SD_FLOOR = 1.0
-WEIGHT_DECAY = 1e-2
 
 
 def pool(reports: list[ClassStats]) -> dict:
@@ -72,28 +70,25 @@ def virtual_features(pooled: dict, labels: list, rng: np.random.Generator
 
 def fit_softmax(x: np.ndarray, y: np.ndarray, weight: np.ndarray, bias: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax regression by full-batch gradient descent with momentum, from (weight, bias).
-    It runs on standardized features (each dimension to mean 0, sd 1): embedding dimensions
-    differ in scale by orders of magnitude, and on raw ones plain gradient descent is still
-    far from the optimum after thousands of steps. The result is mapped back to raw ones."""
-    mu, var = x.mean(axis=0), x.var(axis=0)
-    sd = np.sqrt(var + SD_FLOOR * var.mean() + 1e-12)
-    z = (x - mu) / sd
-    w = weight.astype(np.float64) * sd           # the same logits on standardized inputs
-    b = bias.astype(np.float64) + weight.astype(np.float64) @ mu
+    """Softmax regression by full-batch gradient descent with momentum, from (weight, bias),
+    for FIT_STEPS steps on the raw embeddings. Deliberately not run to convergence: a fully
+    fitted head (standardized inputs, or thousands of steps) separates the virtual classes
+    along dimensions the backbone barely varies, with weights tens to hundreds of times
+    those a site trains, and the sites' next steps on the merged model then diverge."""
+    w, b = weight.astype(np.float64).copy(), bias.astype(np.float64).copy()
     vw, vb = np.zeros_like(w), np.zeros_like(b)
     onehot = np.eye(len(b))[y]
     for _ in range(FIT_STEPS):
-        logits = z @ w.T + b
+        logits = x @ w.T + b
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(axis=1, keepdims=True)
         err = (p - onehot) / len(y)
-        vw = FIT_MOMENTUM * vw + err.T @ z + WEIGHT_DECAY * w
+        vw = FIT_MOMENTUM * vw + err.T @ x
         vb = FIT_MOMENTUM * vb + err.sum(axis=0)
         w -= FIT_LR * vw
         b -= FIT_LR * vb
-    return w / sd, b - (w / sd) @ mu
+    return w, b
 
 
 def calibrate_head(labels: list, weight: np.ndarray, bias: np.ndarray,

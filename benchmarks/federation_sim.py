@@ -1,0 +1,233 @@
+"""The federation in process, on several seeds: aggregation, head calibration and BatchNorm
+settings compared on many class cuts, beside each site alone and one central learner.
+
+    .venv/bin/python benchmarks/federation_sim.py [--seeds 0,1,2] [--rounds 10] [--jobs 2]
+        [--grid default,fedavg,nocal,bn,alone,central] [--render] [--write BENCHMARKS.md]
+
+No network: the sites are `OnlineLearner`s with the daemon's defaults on one thread each, and
+every step is the code a federation runs. Each round every site learns the next 1/rounds of
+its stream (edgecl/federation/trial.py: Split-MNIST on MNIST-5k, 200 training digits per
+class; the seed draws which digits go to which site, their order, and the samples) in pushes
+of 32; the sites' students are aggregated (edgecl/federation/aggregate.py); with head
+calibration every site reports its class statistics under the aggregated model
+(`OnlineLearner.class_statistics`, what `model.stats` answers) and the head is refitted
+(edgecl/federation/calibrate.py); then every site merges the result
+(`OnlineLearner.merge_global`, what `model.merge` runs). Scored after each round's merge on
+the 1,000 test digits of all ten classes (eval mode, as exported): the mean over sites and
+the worst site. Alone: each site's learner on its whole stream, no federation. Central: one
+learner on every site's samples, interleaved round by round as the sites' sensors push them.
+benchmarks/federation.py runs the same on Flower, over loopback, for bytes and round time.
+Results go to bench-results/federation/sim-*.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from sections import write_section  # noqa: E402
+
+OUT = ROOT / "bench-results" / "federation"
+BATCH = 32
+CONFIGS = ((3, "disjoint"), (3, "overlap"), (5, "disjoint"), (5, "overlap"))
+DEFAULT = {"strategy": "class-aware", "calibration": "features", "bn": "global"}
+GRIDS = {  # name -> settings that differ from DEFAULT, and on which configurations
+    "default": ({}, CONFIGS),
+    "fedavg": ({"strategy": "fedavg"}, CONFIGS),
+    "nocal": ({"calibration": "none"}, CONFIGS[:1]),
+    "fedavg-nocal": ({"strategy": "fedavg", "calibration": "none"}, CONFIGS[:1]),
+    "bn": ([{"bn": "local"}, {"bn": "refresh"}], CONFIGS[:1]),
+}
+
+
+def learn(learner, x, y) -> None:
+    for start in range(0, len(y), BATCH):
+        learner.learn_many(x[start:start + BATCH], y[start:start + BATCH].tolist())
+
+
+def accuracy(learner, x, y) -> float:
+    return float(np.mean(np.asarray(learner.predict_many(x)) == y))
+
+
+def calibrated(glob, learners, bn: str):
+    """The aggregated model with its head refitted on the sites' class statistics."""
+    from edgecl.client.federation import ClassStats
+    from edgecl.federation.calibrate import calibrate_head
+
+    reports = [ClassStats(**learner.class_statistics(glob.arrays, bn=bn)) for learner in learners]
+    arrays = glob.arrays
+    arrays["head.weight"], arrays["head.bias"], _ = calibrate_head(
+        glob.labels, arrays["head.weight"], arrays["head.bias"], reports)
+    return glob
+
+
+def simulate(job: dict) -> dict:
+    """One federation run: the sites' accuracies after every round."""
+    import torch
+
+    from edgecl.federation.aggregate import SiteModel, aggregate
+    from edgecl.federation.trial import site_streams
+    from edgecl.learn import OnlineLearner
+
+    torch.set_num_threads(1)
+    streams, tx, ty = site_streams(job["sites"], job["split"], job["seed"], job["tpc"])
+    learners = [OnlineLearner(seed=job["seed"], threads=1) for _ in streams]
+    per_round = []
+    for r in range(job["rounds"]):
+        models = []
+        for s, learner in zip(streams, learners):
+            part = np.array_split(np.arange(len(s.y)), job["rounds"])[r]
+            learn(learner, s.x[part], s.y[part])
+            models.append(SiteModel(list(learner.labels), list(learner.class_counts),
+                                    learner.learned_since_merge, dict(learner.model_arrays()),
+                                    name=s.name))
+        glob = aggregate(models, job["strategy"])
+        if job["calibration"] == "features":
+            glob = calibrated(glob, learners, job["bn"])
+        for learner in learners:
+            learner.merge_global(glob.labels, glob.arrays, job["bn"])
+        per_round.append([accuracy(learner, tx, ty) for learner in learners])
+        print(f"{result_name(job)} round {r + 1}: mean {np.mean(per_round[-1]):.3f}", flush=True)
+    return {**job, "accuracy": per_round}
+
+
+def alone(job: dict) -> dict:
+    """Each site's learner on its whole stream, no federation."""
+    import torch
+
+    from edgecl.federation.trial import site_streams
+    from edgecl.learn import OnlineLearner
+
+    torch.set_num_threads(1)
+    streams, tx, ty = site_streams(job["sites"], job["split"], job["seed"], job["tpc"])
+    out = []
+    for s in streams:
+        learner = OnlineLearner(seed=job["seed"], threads=1)
+        learn(learner, s.x, s.y)
+        out.append(accuracy(learner, tx, ty))
+    return {**job, "accuracy": out}
+
+
+def central(job: dict) -> dict:
+    """One learner on every site's samples, interleaved as the sensors push them."""
+    import torch
+
+    from edgecl.federation.trial import interleaved, site_streams
+    from edgecl.learn import OnlineLearner
+
+    torch.set_num_threads(1)
+    streams, tx, ty = site_streams(job["sites"], job["split"], job["seed"], job["tpc"])
+    x, y = interleaved(streams, job["rounds"])
+    learner = OnlineLearner(seed=job["seed"], threads=1)
+    learn(learner, x, y)
+    return {**job, "accuracy": accuracy(learner, tx, ty)}
+
+
+def run_job(job: dict) -> dict:
+    return {"sim": simulate, "alone": alone, "central": central}[job["kind"]](job)
+
+
+def result_name(job: dict) -> str:
+    if job["kind"] != "sim":
+        return f"sim-{job['kind']}-{job['sites']}{job['split']}-s{job['seed']}.json"
+    return (f"sim-{job['sites']}{job['split']}-{job['strategy']}-{job['calibration']}-"
+            f"{job['bn']}-s{job['seed']}.json")
+
+
+def make_jobs(grids: list[str], seeds: list[int], rounds: int, tpc: int) -> list[dict]:
+    base = {"rounds": rounds, "tpc": tpc}
+    jobs = []
+    for name in grids:
+        if name in ("alone", "central"):
+            configs = CONFIGS if name == "alone" else CONFIGS[:1]
+            jobs += [{**base, "kind": name, "sites": n, "split": sp, "seed": s}
+                     for s in seeds for n, sp in configs]
+            continue
+        changes, configs = GRIDS[name]
+        for change in (changes if isinstance(changes, list) else [changes]):
+            jobs += [{**base, "kind": "sim", **DEFAULT, **change, "sites": n, "split": sp,
+                      "seed": s} for s in seeds for n, sp in configs]
+    return jobs
+
+
+def cell(values: list[float]) -> str:
+    return f"{np.mean(values):.1%} ({min(values):.1%})" if values else "–"
+
+
+def render(results: list[dict], command: str) -> str:
+    sims = [r for r in results if r["kind"] == "sim"]
+    central_acc = [r["accuracy"] for r in results if r["kind"] == "central"]
+    seeds = sorted({r["seed"] for r in results})
+    lines = ["## Federation in process: many cuts", "",
+             f"Command: `{command}`. Machine: {os.cpu_count()} cores "
+             f"({platform.processor() or platform.machine()}), no GPU, one learner thread "
+             "per site, two runs at a time. Seeds "
+             f"{', '.join(map(str, seeds))}: each draws which digits go to which site, their "
+             "order and the samples. Mean accuracy of the sites on all ten digits after that "
+             "round's merge, mean over seeds (in brackets: the worst site of any seed). Alone: "
+             "each site on its own stream, no federation. Central: one learner on all the "
+             f"sites' samples: {cell(central_acc)} (worst seed in brackets). Δ central: "
+             "after 10 rounds, mean minus central mean, in points.", "",
+             "| sites | split | strategy | calibration | bn | alone | after 1 round "
+             "| after 3 | after 10 | Δ central |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["sites"], r["split"], r["strategy"], r["calibration"], r["bn"])
+                   for r in sims}, key=lambda k: (k[0], k[1], k[2] != "class-aware",
+                                                  k[3] != "features", k[4] != "global"))
+    for key in keys:
+        runs = [r for r in sims if (r["sites"], r["split"], r["strategy"], r["calibration"],
+                                    r["bn"]) == key]
+        solo = [a for r in results if r["kind"] == "alone" and (r["sites"], r["split"]) ==
+                key[:2] for a in r["accuracy"]]
+        cells = [str(key[0]), key[1], f"`{key[2]}`", f"`{key[3]}`", f"`{key[4]}`", cell(solo)]
+        for k in (1, 3, 10):
+            means = [float(np.mean(r["accuracy"][k - 1])) for r in runs
+                     if len(r["accuracy"]) >= k]
+            worst = [min(r["accuracy"][k - 1]) for r in runs if len(r["accuracy"]) >= k]
+            cells.append(f"{np.mean(means):.1%} ({min(worst):.1%})" if means else "–")
+        final = [float(np.mean(r["accuracy"][-1])) for r in runs]
+        delta = (np.mean(final) - np.mean(central_acc)) * 100 if central_acc else float("nan")
+        lines.append("| " + " | ".join(cells) + f" | {delta:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--train-per-class", type=int, default=200)
+    p.add_argument("--grid", default="default,central,fedavg,nocal,fedavg-nocal,bn,alone",
+                   help=f"which runs: {', '.join([*GRIDS, 'alone', 'central'])}")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--render", action="store_true", help="only render the saved results")
+    p.add_argument("--write", metavar="MD")
+    args = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    jobs = make_jobs(args.grid.split(","), [int(s) for s in args.seeds.split(",")],
+                     args.rounds, args.train_per_class)
+    if not args.render:
+        todo = [j for j in jobs if not (OUT / result_name(j)).exists()]
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            for r in pool.imap_unordered(run_job, todo):
+                (OUT / result_name(r)).write_text(json.dumps(r))
+    results = [json.loads((OUT / result_name(j)).read_text()) for j in jobs
+               if (OUT / result_name(j)).exists()]
+    text = render(results, "benchmarks/federation_sim.py " + " ".join(sys.argv[1:]))
+    print(text)
+    if args.write:
+        write_section(Path(args.write), "federation-sim", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
