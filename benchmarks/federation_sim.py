@@ -81,7 +81,8 @@ def simulate(job: dict) -> dict:
 
     torch.set_num_threads(1)
     streams, tx, ty = site_streams(job["sites"], job["split"], job["seed"], job["tpc"])
-    learners = [OnlineLearner(seed=job["seed"], threads=1) for _ in streams]
+    learners = [OnlineLearner(seed=job["seed"], threads=1, **job.get("learner", {}))
+                for _ in streams]
     per_round = []
     for r in range(job["rounds"]):
         models = []
@@ -167,20 +168,24 @@ def cell(values: list[float]) -> str:
 def render(results: list[dict], command: str) -> str:
     sims = [r for r in results if r["kind"] == "sim"]
     central_acc = [r["accuracy"] for r in results if r["kind"] == "central"]
+    central_by_seed = {r["seed"]: r["accuracy"] for r in results if r["kind"] == "central"}
+    alone_seeds = sorted({r["seed"] for r in results if r["kind"] == "alone"})
     seeds = sorted({r["seed"] for r in results})
     lines = ["## Federation in process: many cuts", "",
              f"Command: `{command}`. Machine: {os.cpu_count()} cores "
              f"({platform.processor() or platform.machine()}), no GPU, one learner thread "
-             "per site, two runs at a time. Seeds "
-             f"{', '.join(map(str, seeds))}: each draws which digits go to which site, their "
-             "order and the samples. Mean accuracy of the sites on all ten digits after that "
-             "round's merge, mean over seeds (in brackets: the worst site of any seed). Alone: "
-             "each site on its own stream, no federation. Central: one learner on all the "
+             "per site, one or two runs at a time. Seeds "
+             f"{', '.join(map(str, seeds))} (a row says how many it ran): each draws which "
+             "digits go to which site, their order and the samples. Mean accuracy of the sites on all ten digits after that "
+             "round's merge, mean over seeds (in brackets: the worst site of any seed). Alone "
+             f"(seeds {', '.join(map(str, alone_seeds)) or '–'}): each site on its own "
+             "stream, no federation, mean over sites (worst site). Central: one learner on all the "
              f"sites' samples: {cell(central_acc)} (worst seed in brackets). Δ central: "
-             "after 10 rounds, mean minus central mean, in points.", "",
-             "| sites | split | strategy | calibration | bn | alone | after 1 round "
+             "after 10 rounds, the row's mean minus central's mean on the same seeds, in "
+             "points.", "",
+             "| sites | split | strategy | calibration | bn | seeds | alone | after 1 round "
              "| after 3 | after 10 | Δ central |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["sites"], r["split"], r["strategy"], r["calibration"], r["bn"])
                    for r in sims}, key=lambda k: (k[0], k[1], k[2] != "class-aware",
                                                   k[3] != "features", k[4] != "global"))
@@ -189,14 +194,16 @@ def render(results: list[dict], command: str) -> str:
                                     r["bn"]) == key]
         solo = [a for r in results if r["kind"] == "alone" and (r["sites"], r["split"]) ==
                 key[:2] for a in r["accuracy"]]
-        cells = [str(key[0]), key[1], f"`{key[2]}`", f"`{key[3]}`", f"`{key[4]}`", cell(solo)]
+        cells = [str(key[0]), key[1], f"`{key[2]}`", f"`{key[3]}`", f"`{key[4]}`",
+                 str(len(runs)), cell(solo)]
         for k in (1, 3, 10):
             means = [float(np.mean(r["accuracy"][k - 1])) for r in runs
                      if len(r["accuracy"]) >= k]
             worst = [min(r["accuracy"][k - 1]) for r in runs if len(r["accuracy"]) >= k]
             cells.append(f"{np.mean(means):.1%} ({min(worst):.1%})" if means else "–")
         final = [float(np.mean(r["accuracy"][-1])) for r in runs]
-        delta = (np.mean(final) - np.mean(central_acc)) * 100 if central_acc else float("nan")
+        same = [central_by_seed[r["seed"]] for r in runs if r["seed"] in central_by_seed]
+        delta = (np.mean(final) - np.mean(same)) * 100 if same else float("nan")
         lines.append("| " + " | ".join(cells) + f" | {delta:+.1f} |")
     return "\n".join(lines) + "\n"
 

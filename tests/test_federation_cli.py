@@ -29,6 +29,10 @@ def test_bad_run_config_fails_the_run_with_a_message():
         run_settings({"strategy": "median"})
     with pytest.raises(ValueError, match="num-rounds"):
         run_settings({"num-rounds": 0})
+    with pytest.raises(ValueError, match="calibration must be one of"):
+        run_settings({"calibration": "platt"})
+    with pytest.raises(ValueError, match="calibration-rank"):
+        run_settings({"calibration-rank": 65})
 
 
 def test_tls_files_chain_to_the_ca_and_name_the_hosts(tmp_path):

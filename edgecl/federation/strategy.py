@@ -137,8 +137,7 @@ class SiteAwareFedAvg(FedAvg):
                             msg.metadata.src_node_id, exc)
         arrays = self.model.arrays
         arrays["head.weight"], arrays["head.bias"], fitted = calibrate_head(
-            self.model.labels, arrays["head.weight"], arrays["head.bias"], reports,
-            seed=server_round)
+            self.model.labels, arrays["head.weight"], arrays["head.bias"], reports)
         stats["calibrated"] = {"labels": len(fitted), "sites": len(reports),
                                "seconds": time.monotonic() - started}
 
