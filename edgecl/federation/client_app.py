@@ -34,6 +34,7 @@ from edgecl.client.device import pull_and_score
 from edgecl.federation.aggregate import SiteModel
 from edgecl.federation.records import content_global, site_content, stats_content
 from edgecl.security import client_curve
+from edgecl.wire import DEFAULT_STATS_RANK
 
 POLL_S = 0.5
 
@@ -110,7 +111,7 @@ def query(msg: Message, context: Context) -> Message:
         raise ValueError("a stats query carries the round's global model; this one has none")
     with site.client() as client:
         stats = client.class_stats(model.labels, model.arrays,
-                                   rank=int(msg.content["config"].get("rank", 16)),
+                                   rank=int(msg.content["config"].get("rank", DEFAULT_STATS_RANK)),
                                    wait_ms=int(site.timeout * 1000))
     return Message(stats_content(stats, site.name), reply_to=msg)
 

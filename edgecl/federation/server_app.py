@@ -19,11 +19,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from edgecl.federation.aggregate import STRATEGIES
 from edgecl.federation.strategy import CALIBRATIONS, SiteAwareFedAvg
+from edgecl.wire import DEFAULT_STATS_RANK, MAX_STATS_RANK
 
 log = logging.getLogger("edgecl.federation")
 
 RUN_DEFAULTS = {"num-rounds": 10, "strategy": "class-aware", "calibration": "features",
-                "calibration-rank": 16, "min-sites": 2,
+                "calibration-rank": DEFAULT_STATS_RANK, "min-sites": 2,
                 "local-samples": 256, "local-timeout-s": 120.0, "round-timeout-s": 900.0,
                 "results-file": ""}
 
@@ -39,8 +40,8 @@ def run_settings(run_config) -> dict:
     if settings["calibration"] not in CALIBRATIONS:
         raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, "
                          f"not {settings['calibration']!r}")
-    if not 0 <= int(settings["calibration-rank"]) <= 64:
-        raise ValueError("calibration-rank must be 0..64")
+    if not 0 <= int(settings["calibration-rank"]) <= MAX_STATS_RANK:
+        raise ValueError(f"calibration-rank must be 0..{MAX_STATS_RANK}")
     for key in ("num-rounds", "min-sites"):
         if int(settings[key]) < 1:
             raise ValueError(f"{key} must be >= 1")

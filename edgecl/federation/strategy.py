@@ -27,6 +27,7 @@ from edgecl.federation.aggregate import GlobalModel, aggregate
 from edgecl.federation.calibrate import calibrate_head
 from edgecl.federation.records import (arrays_record, content_site, content_stats,
                                        global_content)
+from edgecl.wire import DEFAULT_STATS_RANK
 
 CALIBRATIONS = ("features", "none")
 
@@ -37,7 +38,7 @@ class SiteAwareFedAvg(FedAvg):
     """FedAvg whose aggregation knows that each site's head has its own classes."""
 
     def __init__(self, aggregation: str = "class-aware", calibration: str = "features",
-                 calibration_rank: int = 16, query_timeout: float = 600.0, **kwargs):
+                 calibration_rank: int = DEFAULT_STATS_RANK, query_timeout: float = 600.0, **kwargs):
         super().__init__(**kwargs)
         if calibration not in CALIBRATIONS:
             raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, "
