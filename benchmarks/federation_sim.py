@@ -2,7 +2,8 @@
 settings compared on many class cuts, beside each site alone and one central learner.
 
     .venv/bin/python benchmarks/federation_sim.py [--seeds 0,1,2] [--rounds 10] [--jobs 2]
-        [--grid default,fedavg,nocal,bn,alone,central] [--render] [--write BENCHMARKS.md]
+        [--grid default,keep,replace,fedavg,nocal,bn,alone,central] [--render]
+        [--write BENCHMARKS.md]
 
 No network: the sites are `OnlineLearner`s with the daemon's defaults on one thread each, and
 every step is the code a federation runs. Each round every site learns the next 1/rounds of
@@ -40,13 +41,16 @@ from sections import write_section  # noqa: E402
 OUT = ROOT / "bench-results" / "federation"
 BATCH = 32
 CONFIGS = ((3, "disjoint"), (3, "overlap"), (5, "disjoint"), (5, "overlap"))
-DEFAULT = {"strategy": "class-aware", "calibration": "features", "bn": "global"}
+DEFAULT = {"strategy": "class-aware", "calibration": "features", "bn": "global",
+           "learner": {"merge_logits": "fill"}}  # learner: LearnerConfig fields
 GRIDS = {  # name -> settings that differ from DEFAULT, and on which configurations
     "default": ({}, CONFIGS),
     "fedavg": ({"strategy": "fedavg"}, CONFIGS),
     "nocal": ({"calibration": "none"}, CONFIGS[:1]),
     "fedavg-nocal": ({"strategy": "fedavg", "calibration": "none"}, CONFIGS[:1]),
     "bn": ([{"bn": "local"}, {"bn": "refresh"}], CONFIGS[:1]),
+    "keep": ({"learner": {"merge_logits": "keep"}}, CONFIGS),
+    "replace": ({"learner": {"merge_logits": "replace"}}, CONFIGS[:1]),
 }
 
 
@@ -81,7 +85,7 @@ def simulate(job: dict) -> dict:
 
     torch.set_num_threads(1)
     streams, tx, ty = site_streams(job["sites"], job["split"], job["seed"], job["tpc"])
-    learners = [OnlineLearner(seed=job["seed"], threads=1, **job.get("learner", {}))
+    learners = [OnlineLearner(seed=job["seed"], threads=1, **job["learner"])
                 for _ in streams]
     per_round = []
     for r in range(job["rounds"]):
@@ -141,8 +145,9 @@ def run_job(job: dict) -> dict:
 def result_name(job: dict) -> str:
     if job["kind"] != "sim":
         return f"sim-{job['kind']}-{job['sites']}{job['split']}-s{job['seed']}.json"
+    learner = "".join(f"-{k}={v}" for k, v in sorted(job["learner"].items()))
     return (f"sim-{job['sites']}{job['split']}-{job['strategy']}-{job['calibration']}-"
-            f"{job['bn']}-s{job['seed']}.json")
+            f"{job['bn']}{learner}-s{job['seed']}.json")
 
 
 def make_jobs(grids: list[str], seeds: list[int], rounds: int, tpc: int) -> list[dict]:
@@ -159,6 +164,11 @@ def make_jobs(grids: list[str], seeds: list[int], rounds: int, tpc: int) -> list
             jobs += [{**base, "kind": "sim", **DEFAULT, **change, "sites": n, "split": sp,
                       "seed": s} for s in seeds for n, sp in configs]
     return jobs
+
+
+def row_key(result: dict) -> tuple:
+    return (result["sites"], result["split"], result["strategy"], result["calibration"],
+            result["bn"], result["learner"]["merge_logits"])
 
 
 def cell(values: list[float]) -> str:
@@ -183,18 +193,17 @@ def render(results: list[dict], command: str) -> str:
              f"sites' samples: {cell(central_acc)} (worst seed in brackets). Δ central: "
              "after 10 rounds, the row's mean minus central's mean on the same seeds, in "
              "points.", "",
-             "| sites | split | strategy | calibration | bn | seeds | alone | after 1 round "
-             "| after 3 | after 10 | Δ central |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["sites"], r["split"], r["strategy"], r["calibration"], r["bn"])
-                   for r in sims}, key=lambda k: (k[0], k[1], k[2] != "class-aware",
-                                                  k[3] != "features", k[4] != "global"))
+             "| sites | split | strategy | calibration | bn | DER logits at merge | seeds "
+             "| alone | after 1 round | after 3 | after 10 | Δ central |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({row_key(r) for r in sims}, key=lambda k: (
+        k[0], k[1], k[2] != "class-aware", k[3] != "features", k[4] != "global",
+        k[5] != DEFAULT["learner"]["merge_logits"], k[5]))
     for key in keys:
-        runs = [r for r in sims if (r["sites"], r["split"], r["strategy"], r["calibration"],
-                                    r["bn"]) == key]
+        runs = [r for r in sims if row_key(r) == key]
         solo = [a for r in results if r["kind"] == "alone" and (r["sites"], r["split"]) ==
                 key[:2] for a in r["accuracy"]]
-        cells = [str(key[0]), key[1], f"`{key[2]}`", f"`{key[3]}`", f"`{key[4]}`",
+        cells = [str(key[0]), key[1], *(f"`{v}`" for v in key[2:]),
                  str(len(runs)), cell(solo)]
         for k in (1, 3, 10):
             means = [float(np.mean(r["accuracy"][k - 1])) for r in runs

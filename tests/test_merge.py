@@ -146,6 +146,32 @@ def test_a_merge_is_a_consolidation_point_and_keeps_the_buffer():
     assert site.learned_since_merge == 10
 
 
+@pytest.mark.parametrize("mode", ["fill", "replace", "keep"])
+def test_merge_gives_buffered_rows_the_merged_models_logits_per_merge_logits(mode):
+    site = learner(labels=(0, 1), merge_logits=mode)
+    n = len(site.buffer)
+    before, width = site.buffer.logits[:n].copy(), site.buffer.logit_width[:n].copy()
+    assert (width == 2).all()
+    labels, arrays = global_from(site, extra=(7, 8))
+    site.merge_global(labels, arrays)
+    with torch.no_grad():
+        merged = site.student.eval()(site._to_tensor(site.buffer.x[:n])).numpy()
+    stored, widths = site.buffer.logits[:n], site.buffer.logit_width[:n]
+    if mode == "keep":
+        np.testing.assert_array_equal(widths, width)
+        np.testing.assert_array_equal(stored[:, :2], before)
+        return
+    assert (widths == 4).all()  # DER now matches every class, the merged ones included
+    np.testing.assert_allclose(stored[:, 2:], merged[:, 2:], rtol=1e-5, atol=1e-5)
+    if mode == "fill":  # the site's own classes keep what the site stored
+        np.testing.assert_array_equal(stored[:, :2], before)
+    else:
+        np.testing.assert_allclose(stored[:, :2], merged[:, :2], rtol=1e-5, atol=1e-5)
+    site.learn_many(X[:10], [0] * 10)  # learning goes on over the widened rows
+    with pytest.raises(ValueError, match="merge_logits"):
+        LearnerConfig(merge_logits="average").validate()
+
+
 def test_wrong_arrays_are_refused_and_change_nothing():
     site = learner()
     labels, arrays = global_from(site)

@@ -91,12 +91,39 @@ def merge_into(learner, labels: list, arrays: dict[str, np.ndarray], bn: str = "
         n = len(learner.buffer)
         refresh(learner.student, learner._to_tensor(learner.buffer.x[:n]))
     learner._statistics_at = -1
+    if learner.config.merge_logits != "keep" and len(learner.buffer):
+        relabel_buffer(learner, learner.config.merge_logits)
     if learner.latent.frozen:  # the buffered latents came from the replaced prefix
         learner.latent.freeze(learner.student, learner.buffer, learner._to_tensor)
     learner._consolidate()  # anchor and EWC++'s theta* become the merged model
     learner.merges += 1
     learner.samples_at_merge = learner.samples_learned
     return {"labels": list(learner.labels), "added": added, "merges": learner.merges}
+
+
+@torch.no_grad()
+def relabel_buffer(learner, mode: str, chunk: int = 100) -> None:
+    """DER's stored logits after a merge: 'fill' gives each buffered sample the merged
+    model's logits for the classes its stored row lacks (classes the merge added), 'replace'
+    the merged model's logits for every class. Logit matching then keeps what the federation
+    knows of the other sites' classes on this site's own samples while the site learns
+    (not-true distillation, FedNTD, Lee et al. 2022)."""
+    n, buf = len(learner.buffer), learner.buffer
+    model = learner.student
+    was_training = model.training
+    model.eval()
+    x = learner._to_tensor(buf.x[:n])
+    merged = torch.cat([model(x[i:i + chunk]) for i in range(0, n, chunk)]).numpy()
+    model.train(was_training)
+    width = merged.shape[1]
+    if buf.logits.shape[1] < width:
+        grown = np.zeros((buf.capacity, width), dtype=np.float32)
+        grown[:, :buf.logits.shape[1]] = buf.logits
+        buf.logits = grown
+    cols = np.arange(width)[None, :]
+    take = np.ones((n, width), bool) if mode == "replace" else cols >= buf.logit_width[:n, None]
+    buf.logits[:n, :width] = np.where(take, merged, buf.logits[:n, :width])
+    buf.logit_width[:n] = width
 
 
 def check_arrays(learner, labels: list, arrays: dict[str, np.ndarray]) -> None:

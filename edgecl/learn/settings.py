@@ -7,6 +7,7 @@ from typing import Any
 
 AUGMENTS = ("shift", "shift+flip", "none")
 STREAM_LOSSES = ("ce", "ace")
+MERGE_LOGITS = ("fill", "replace", "keep")
 OFFER_LOGITS = ("forward", "none")
 BUFFER_POLICIES = ("reservoir", "balanced")
 OPTIMIZERS = ("sgd", "adam")
@@ -50,6 +51,9 @@ class LearnerConfig:
     predict_in_eval: bool = False    # prequential guess from a separate eval-mode forward
     logit_adjust: float = 0.0        # tau of the logit-adjusted softmax (0: off)
     prior_decay: float = 0.99        # per step, of the running class prior it adjusts by
+    merge_logits: str = "fill"       # DER's stored logits at a federation merge: 'fill'
+                                     # (the merged model's, for the classes a row lacks) |
+                                     # 'replace' (the merged model's, every class) | 'keep'
     offer_logits: str = "forward"    # logits stored with samples offered to the buffer
                                      # without training (offer_many): 'forward' | 'none'
     latent_layers: int = 0           # latent replay: student body layers frozen after
@@ -109,6 +113,8 @@ class LearnerConfig:
             raise ValueError("bn_momentum must be in (0, 1]")
         if self.stream_loss not in STREAM_LOSSES:
             raise ValueError(f"stream_loss must be one of {', '.join(STREAM_LOSSES)}")
+        if self.merge_logits not in MERGE_LOGITS:
+            raise ValueError(f"merge_logits must be one of {', '.join(MERGE_LOGITS)}")
         if self.buffer_policy not in BUFFER_POLICIES:
             raise ValueError(f"buffer_policy must be one of {', '.join(BUFFER_POLICIES)}")
         if self.logit_adjust < 0 or not 0.0 <= self.prior_decay < 1.0:
