@@ -51,6 +51,8 @@ GRIDS = {  # name -> settings that differ from DEFAULT, and on which configurati
     "bn": ([{"bn": "local"}, {"bn": "refresh"}], CONFIGS[:1]),
     "keep": ({"learner": {"merge_logits": "keep"}}, CONFIGS),
     "replace": ({"learner": {"merge_logits": "replace"}}, CONFIGS[:1]),
+    "union": ({"bn_variance": "union"}, CONFIGS),
+    "iter8": ({"learner": {"merge_logits": "fill", "iterations": 8}}, CONFIGS[2:]),
 }
 
 
@@ -96,7 +98,7 @@ def simulate(job: dict) -> dict:
             models.append(SiteModel(list(learner.labels), list(learner.class_counts),
                                     learner.learned_since_merge, dict(learner.model_arrays()),
                                     name=s.name))
-        glob = aggregate(models, job["strategy"])
+        glob = aggregate(models, job["strategy"], job.get("bn_variance", "mean"))
         if job["calibration"] == "features":
             glob = calibrated(glob, learners, job["bn"])
         for learner in learners:
@@ -146,8 +148,9 @@ def result_name(job: dict) -> str:
     if job["kind"] != "sim":
         return f"sim-{job['kind']}-{job['sites']}{job['split']}-s{job['seed']}.json"
     learner = "".join(f"-{k}={v}" for k, v in sorted(job["learner"].items()))
+    var = "-union" if job.get("bn_variance", "mean") == "union" else ""
     return (f"sim-{job['sites']}{job['split']}-{job['strategy']}-{job['calibration']}-"
-            f"{job['bn']}{learner}-s{job['seed']}.json")
+            f"{job['bn']}{var}{learner}-s{job['seed']}.json")
 
 
 def make_jobs(grids: list[str], seeds: list[int], rounds: int, tpc: int) -> list[dict]:

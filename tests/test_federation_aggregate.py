@@ -51,6 +51,26 @@ def test_a_row_is_averaged_only_over_the_sites_that_learned_that_class():
     np.testing.assert_allclose(plain.arrays["head.weight"][0], [expected] * 2, rtol=1e-6)
 
 
+def test_batchnorm_variance_is_the_variance_of_the_union_of_the_sites_inputs():
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(m, s, (n, 2)) for m, s, n in ((0.0, 1.0, 300), (3.0, 0.5, 100))]
+    sites = []
+    for x in inputs:
+        one = site([0], [1], len(x), 0.0, [[0, 0]])
+        one.arrays["bn.running_mean"] = x.mean(0).astype(np.float32)
+        one.arrays["bn.running_var"] = x.var(0).astype(np.float32)
+        sites.append(one)
+    union = np.concatenate(inputs)
+    glob = aggregate(sites)
+    np.testing.assert_allclose(glob.arrays["bn.running_mean"], union.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(glob.arrays["bn.running_var"], union.var(0), rtol=1e-5)
+    assert glob.arrays["bn.running_var"].dtype == np.float32
+    plain = aggregate(sites, bn_variance="mean")  # what the union adds: the means' spread
+    np.testing.assert_allclose(plain.arrays["bn.running_var"],
+                               0.75 * inputs[0].var(0) + 0.25 * inputs[1].var(0), rtol=1e-5)
+    assert (glob.arrays["bn.running_var"] > plain.arrays["bn.running_var"] + 1).all()
+
+
 def test_sites_running_other_students_are_refused():
     with pytest.raises(ValueError, match="another student"):
         aggregate([site([0], [1], 1, 0.0, [[0, 0]], arch="a"),

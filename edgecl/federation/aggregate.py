@@ -12,6 +12,9 @@ Every site's head has its own label order, so rows are aligned by label name fir
   row there (a freshly widened head), so a class one site knows is averaged with the others'
   zeros or their pushed-down rows.
 
+Under both, a BatchNorm layer's running variance is that of the union of the sites' inputs
+(`pool_running_variances`), not the average of their variances.
+
 A site that learned nothing since the last round weighs nothing in the backbone; if no site
 learned anything, all weigh the same.
 """
@@ -23,6 +26,7 @@ import numpy as np
 
 HEAD_KEYS = ("head.weight", "head.bias")   # the student's head: one row per class
 STRATEGIES = ("class-aware", "fedavg")
+BN_VARIANCES = ("union", "mean")  # a merged BatchNorm running variance (pool_running_variances)
 
 
 @dataclass
@@ -100,10 +104,13 @@ def _head(sites: list[SiteModel], labels: list, key: str, strategy: str,
     return out
 
 
-def aggregate(sites: list[SiteModel], strategy: str = "class-aware") -> GlobalModel:
+def aggregate(sites: list[SiteModel], strategy: str = "class-aware",
+              bn_variance: str = "union") -> GlobalModel:
     """The global model of one round (see the module docstring for the two strategies)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    if bn_variance not in BN_VARIANCES:
+        raise ValueError(f"bn_variance must be one of {', '.join(BN_VARIANCES)}")
     check_compatible(sites)
     labels = label_order(sites)
     backbone_w = _weights([site.learned_since_merge for site in sites])
@@ -113,6 +120,28 @@ def aggregate(sites: list[SiteModel], strategy: str = "class-aware") -> GlobalMo
             arrays[key] = _head(sites, labels, key, strategy, backbone_w)
         else:
             arrays[key] = _average([site.arrays[key] for site in sites], backbone_w)
+    if bn_variance == "union":
+        pool_running_variances(sites, arrays, backbone_w)
     counts = [sum(site.counts[site.labels.index(label)] for site in sites
                   if label in site.labels) for label in labels]
     return GlobalModel(labels, counts, arrays)
+
+
+def pool_running_variances(sites: list[SiteModel], arrays: dict[str, np.ndarray],
+                           weights: np.ndarray) -> None:
+    """Each BatchNorm layer's running variance as the variance of the union of the sites'
+    inputs: the weighted mean of the sites' variances plus the spread of their means around
+    the averaged mean. Sites that see different classes see different activation means; the
+    plain average of their variances leaves that spread out, and every layer of the merged
+    model then over-scales inputs from all the classes at once. In place."""
+    for key in arrays:
+        if not key.endswith(".running_var"):
+            continue
+        mean_key = key[:-len("running_var")] + "running_mean"
+        if mean_key not in arrays:
+            continue
+        pooled = np.zeros_like(arrays[key], dtype=np.float64)
+        for site, w in zip(sites, weights):
+            spread = site.arrays[mean_key].astype(np.float64) - arrays[mean_key]
+            pooled += w * (site.arrays[key] + spread ** 2)
+        arrays[key] = pooled.astype(arrays[key].dtype)
