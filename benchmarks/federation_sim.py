@@ -1,5 +1,5 @@
-"""The federation in process, on several seeds: aggregation, head calibration and BatchNorm
-settings compared on many class cuts, beside each site alone and one central learner.
+"""The federation in process, on several seeds: aggregation, head calibration, BatchNorm and
+merge settings compared on many class cuts, beside each site alone and one central learner.
 
     .venv/bin/python benchmarks/federation_sim.py [--seeds 0,1,2] [--rounds 10] [--jobs 2]
         [--grid default,keep,replace,fedavg,nocal,bn,alone,central] [--render]
@@ -18,6 +18,10 @@ the 1,000 test digits of all ten classes (eval mode, as exported): the mean over
 the worst site. Alone: each site's learner on its whole stream, no federation. Central: one
 learner on every site's samples, interleaved round by round as the sites' sensors push them.
 benchmarks/federation.py runs the same on Flower, over loopback, for bytes and round time.
+Grids: `default` (edgecl's defaults), `meanvar` (BatchNorm variances averaged, not pooled
+over the union), `before` (also DER++'s stored logits kept as they are at a merge: the
+defaults before both), `before-fedavg`, `fedavg`, `nocal` (no head calibration), `bn`
+(BatchNorm statistics at a merge), `replace`, `iter8` (8 steps per batch on 5 sites).
 Results go to bench-results/federation/sim-*.json.
 """
 from __future__ import annotations
@@ -42,16 +46,18 @@ OUT = ROOT / "bench-results" / "federation"
 BATCH = 32
 CONFIGS = ((3, "disjoint"), (3, "overlap"), (5, "disjoint"), (5, "overlap"))
 DEFAULT = {"strategy": "class-aware", "calibration": "features", "bn": "global",
+           "bn_variance": "union",
            "learner": {"merge_logits": "fill"}}  # learner: LearnerConfig fields
+BEFORE = {"bn_variance": "mean", "learner": {"merge_logits": "keep"}}  # until this round
 GRIDS = {  # name -> settings that differ from DEFAULT, and on which configurations
     "default": ({}, CONFIGS),
     "fedavg": ({"strategy": "fedavg"}, CONFIGS),
     "nocal": ({"calibration": "none"}, CONFIGS[:1]),
-    "fedavg-nocal": ({"strategy": "fedavg", "calibration": "none"}, CONFIGS[:1]),
     "bn": ([{"bn": "local"}, {"bn": "refresh"}], CONFIGS[:1]),
-    "keep": ({"learner": {"merge_logits": "keep"}}, CONFIGS),
-    "replace": ({"learner": {"merge_logits": "replace"}}, CONFIGS[:1]),
-    "union": ({"bn_variance": "union"}, CONFIGS),
+    "meanvar": ({"bn_variance": "mean"}, CONFIGS),
+    "before": (BEFORE, CONFIGS),
+    "before-fedavg": ({**BEFORE, "strategy": "fedavg"}, CONFIGS),
+    "replace": ({"bn_variance": "mean", "learner": {"merge_logits": "replace"}}, CONFIGS[:1]),
     "iter8": ({"learner": {"merge_logits": "fill", "iterations": 8}}, CONFIGS[2:]),
 }
 
@@ -98,7 +104,7 @@ def simulate(job: dict) -> dict:
             models.append(SiteModel(list(learner.labels), list(learner.class_counts),
                                     learner.learned_since_merge, dict(learner.model_arrays()),
                                     name=s.name))
-        glob = aggregate(models, job["strategy"], job.get("bn_variance", "mean"))
+        glob = aggregate(models, job["strategy"], job["bn_variance"])
         if job["calibration"] == "features":
             glob = calibrated(glob, learners, job["bn"])
         for learner in learners:
@@ -148,7 +154,7 @@ def result_name(job: dict) -> str:
     if job["kind"] != "sim":
         return f"sim-{job['kind']}-{job['sites']}{job['split']}-s{job['seed']}.json"
     learner = "".join(f"-{k}={v}" for k, v in sorted(job["learner"].items()))
-    var = "-union" if job.get("bn_variance", "mean") == "union" else ""
+    var = "" if job["bn_variance"] == "union" else f"-{job['bn_variance']}var"
     return (f"sim-{job['sites']}{job['split']}-{job['strategy']}-{job['calibration']}-"
             f"{job['bn']}{var}{learner}-s{job['seed']}.json")
 
@@ -171,7 +177,7 @@ def make_jobs(grids: list[str], seeds: list[int], rounds: int, tpc: int) -> list
 
 def row_key(result: dict) -> tuple:
     return (result["sites"], result["split"], result["strategy"], result["calibration"],
-            result["bn"], result["learner"]["merge_logits"])
+            result["bn"], result["bn_variance"], result["learner"]["merge_logits"])
 
 
 def cell(values: list[float]) -> str:
@@ -195,13 +201,14 @@ def render(results: list[dict], command: str) -> str:
              "stream, no federation, mean over sites (worst site). Central: one learner on all the "
              f"sites' samples: {cell(central_acc)} (worst seed in brackets). Δ central: "
              "after 10 rounds, the row's mean minus central's mean on the same seeds, in "
-             "points.", "",
-             "| sites | split | strategy | calibration | bn | DER logits at merge | seeds "
-             "| alone | after 1 round | after 3 | after 10 | Δ central |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "points. Rounds 8–10: the mean over the last three rounds (one round's figure "
+             "swings by several points).", "",
+             "| sites | split | strategy | calibration | bn | bn variance | DER logits at merge "
+             "| seeds | alone | after 1 round | after 3 | after 10 | rounds 8–10 | Δ central |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    default = row_key({**DEFAULT, "sites": 0, "split": ""})
     keys = sorted({row_key(r) for r in sims}, key=lambda k: (
-        k[0], k[1], k[2] != "class-aware", k[3] != "features", k[4] != "global",
-        k[5] != DEFAULT["learner"]["merge_logits"], k[5]))
+        k[0], k[1], *(a != b for a, b in zip(k[2:], default[2:])), k[2:]))
     for key in keys:
         runs = [r for r in sims if row_key(r) == key]
         solo = [a for r in results if r["kind"] == "alone" and (r["sites"], r["split"]) ==
@@ -213,6 +220,7 @@ def render(results: list[dict], command: str) -> str:
                      if len(r["accuracy"]) >= k]
             worst = [min(r["accuracy"][k - 1]) for r in runs if len(r["accuracy"]) >= k]
             cells.append(f"{np.mean(means):.1%} ({min(worst):.1%})" if means else "–")
+        cells.append(f"{np.mean([np.mean(r['accuracy'][-3:]) for r in runs]):.1%}")
         final = [float(np.mean(r["accuracy"][-1])) for r in runs]
         same = [central_by_seed[r["seed"]] for r in runs if r["seed"] in central_by_seed]
         delta = (np.mean(final) - np.mean(same)) * 100 if same else float("nan")
@@ -225,7 +233,8 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--train-per-class", type=int, default=200)
-    p.add_argument("--grid", default="default,central,fedavg,nocal,fedavg-nocal,bn,alone",
+    p.add_argument("--grid", default="default,central,meanvar,before,before-fedavg,fedavg,"
+                                      "nocal,bn,alone",
                    help=f"which runs: {', '.join([*GRIDS, 'alone', 'central'])}")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--render", action="store_true", help="only render the saved results")

@@ -102,16 +102,21 @@ class ReservoirBuffer:
         if self.x is None:
             self.x = np.zeros((self.capacity, *x.shape[1:]), dtype=x.dtype)
         width = logits.shape[1]
-        if width > self.logits.shape[1]:
-            grown = np.zeros((self.capacity, width), dtype=np.float32)
-            grown[:, : self.logits.shape[1]] = self.logits
-            self.logits = grown
+        self.widen_logits(width)
         self.x[idx] = x
         self.y[idx] = y
         self.logits[idx] = 0.0
         self.logits[idx, :width] = logits
         self.logit_width[idx] = width
         self.filled = min(self.capacity, self.seen)
+
+    def widen_logits(self, width: int) -> None:
+        """Room for `width` stored logits per slot (new columns are zeros; each slot's
+        `logit_width` still says how many of its columns are real)."""
+        if width > self.logits.shape[1]:
+            grown = np.zeros((self.capacity, width), dtype=np.float32)
+            grown[:, : self.logits.shape[1]] = self.logits
+            self.logits = grown
 
     def sample_indices(self, n: int) -> np.ndarray:
         return self.rng.choice(self.filled, size=min(n, self.filled), replace=False)

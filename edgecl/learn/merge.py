@@ -116,10 +116,7 @@ def relabel_buffer(learner, mode: str, chunk: int = 100) -> None:
     merged = torch.cat([model(x[i:i + chunk]) for i in range(0, n, chunk)]).numpy()
     model.train(was_training)
     width = merged.shape[1]
-    if buf.logits.shape[1] < width:
-        grown = np.zeros((buf.capacity, width), dtype=np.float32)
-        grown[:, :buf.logits.shape[1]] = buf.logits
-        buf.logits = grown
+    buf.widen_logits(width)
     cols = np.arange(width)[None, :]
     take = np.ones((n, width), bool) if mode == "replace" else cols >= buf.logit_width[:n, None]
     buf.logits[:n, :width] = np.where(take, merged, buf.logits[:n, :width])
