@@ -20,8 +20,9 @@ learner on every site's samples, interleaved round by round as the sites' sensor
 benchmarks/federation.py runs the same on Flower, over loopback, for bytes and round time.
 Grids: `default` (edgecl's defaults), `meanvar` (BatchNorm variances averaged, not pooled
 over the union), `before` (also DER++'s stored logits kept as they are at a merge: the
-defaults before both), `before-fedavg`, `fedavg`, `nocal` (no head calibration), `bn`
-(BatchNorm statistics at a merge), `replace`, `iter8` (8 steps per batch on 5 sites).
+defaults before both; `before-fedavg`, `before-nocal`, `before-bn` with them), `fedavg`,
+`nocal` (no head calibration), `bn` (BatchNorm statistics at a merge), `replace`, `iter8`
+(8 steps per batch on 5 sites).
 Results go to bench-results/federation/sim-*.json.
 """
 from __future__ import annotations
@@ -57,8 +58,11 @@ GRIDS = {  # name -> settings that differ from DEFAULT, and on which configurati
     "meanvar": ({"bn_variance": "mean"}, CONFIGS),
     "before": (BEFORE, CONFIGS),
     "before-fedavg": ({**BEFORE, "strategy": "fedavg"}, CONFIGS),
+    "before-nocal": ({**BEFORE, "calibration": "none"}, CONFIGS[:1]),
+    "before-bn": ([{**BEFORE, "bn": "local"}, {**BEFORE, "bn": "refresh"}], CONFIGS[:1]),
     "replace": ({"bn_variance": "mean", "learner": {"merge_logits": "replace"}}, CONFIGS[:1]),
-    "iter8": ({"learner": {"merge_logits": "fill", "iterations": 8}}, CONFIGS[2:]),
+    "iter8": ({"bn_variance": "mean", "learner": {"merge_logits": "fill", "iterations": 8}},
+              CONFIGS[2:3]),
 }
 
 
@@ -177,7 +181,8 @@ def make_jobs(grids: list[str], seeds: list[int], rounds: int, tpc: int) -> list
 
 def row_key(result: dict) -> tuple:
     return (result["sites"], result["split"], result["strategy"], result["calibration"],
-            result["bn"], result["bn_variance"], result["learner"]["merge_logits"])
+            result["bn"], result["bn_variance"],
+            " ".join(f"{k}={v}" for k, v in sorted(result["learner"].items())))
 
 
 def cell(values: list[float]) -> str:
@@ -196,14 +201,19 @@ def render(results: list[dict], command: str) -> str:
              "per site, one or two runs at a time. Seeds "
              f"{', '.join(map(str, seeds))} (a row says how many it ran): each draws which "
              "digits go to which site, their order and the samples. Mean accuracy of the sites on all ten digits after that "
-             "round's merge, mean over seeds (in brackets: the worst site of any seed). Alone "
+             "round's merge, mean over seeds (in brackets: the worst site of any seed). bn "
+             "variance: a merged BatchNorm variance pooled over the `union` of the sites' "
+             "inputs, or their `mean`. learner: the sites' LearnerConfig settings that differ "
+             "from LearnerConfig's defaults, `merge_logits` always shown (`fill`: DER++'s "
+             "stored logits take the merged model's for the classes a merge added; `keep`: "
+             "they stay). Alone "
              f"(seeds {', '.join(map(str, alone_seeds)) or '–'}): each site on its own "
              "stream, no federation, mean over sites (worst site). Central: one learner on all the "
              f"sites' samples: {cell(central_acc)} (worst seed in brackets). Δ central: "
              "after 10 rounds, the row's mean minus central's mean on the same seeds, in "
              "points. Rounds 8–10: the mean over the last three rounds (one round's figure "
              "swings by several points).", "",
-             "| sites | split | strategy | calibration | bn | bn variance | DER logits at merge "
+             "| sites | split | strategy | calibration | bn | bn variance | learner "
              "| seeds | alone | after 1 round | after 3 | after 10 | rounds 8–10 | Δ central |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     default = row_key({**DEFAULT, "sites": 0, "split": ""})
@@ -233,8 +243,8 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--train-per-class", type=int, default=200)
-    p.add_argument("--grid", default="default,central,meanvar,before,before-fedavg,fedavg,"
-                                      "nocal,bn,alone",
+    p.add_argument("--grid", default="default,central,meanvar,before,before-fedavg,"
+                                      "before-nocal,before-bn,fedavg,nocal,bn,alone",
                    help=f"which runs: {', '.join([*GRIDS, 'alone', 'central'])}")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--render", action="store_true", help="only render the saved results")
