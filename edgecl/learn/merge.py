@@ -107,7 +107,8 @@ def relabel_buffer(learner, mode: str, chunk: int = 100) -> None:
     model's logits for the classes its stored row lacks (classes the merge added), 'replace'
     the merged model's logits for every class. Logit matching then keeps what the federation
     knows of the other sites' classes on this site's own samples while the site learns
-    (not-true distillation, FedNTD, Lee et al. 2022)."""
+    (not-true distillation, FedNTD, Lee et al. 2022). A row stored without logits
+    (offer_logits = 'none') lacks every class, so 'fill' gives it all of them."""
     n, buf = len(learner.buffer), learner.buffer
     model = learner.student
     was_training = model.training
