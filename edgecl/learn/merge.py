@@ -101,8 +101,7 @@ def merge_into(learner, labels: list, arrays: dict[str, np.ndarray], bn: str = "
     return {"labels": list(learner.labels), "added": added, "merges": learner.merges}
 
 
-@torch.no_grad()
-def relabel_buffer(learner, mode: str, chunk: int = 100) -> None:
+def relabel_buffer(learner, mode: str) -> None:
     """DER's stored logits after a merge: 'fill' gives each buffered sample the merged
     model's logits for the classes its stored row lacks (classes the merge added), 'replace'
     the merged model's logits for every class. Logit matching then keeps what the federation
@@ -110,12 +109,7 @@ def relabel_buffer(learner, mode: str, chunk: int = 100) -> None:
     (not-true distillation, FedNTD, Lee et al. 2022). A row stored without logits
     (offer_logits = 'none') lacks every class, so 'fill' gives it all of them."""
     n, buf = len(learner.buffer), learner.buffer
-    model = learner.student
-    was_training = model.training
-    model.eval()
-    x = learner._to_tensor(buf.x[:n])
-    merged = torch.cat([model(x[i:i + chunk]) for i in range(0, n, chunk)]).numpy()
-    model.train(was_training)
+    merged = learner._eval_logits(learner._to_tensor(buf.x[:n])).numpy()  # as it predicts
     width = merged.shape[1]
     buf.widen_logits(width)
     cols = np.arange(width)[None, :]
