@@ -85,13 +85,13 @@ def run_config(sites: int, split: str, strategy: str, calibration: str, args) ->
             "bytes_up": {r: rounds[str(r)]["bytes_up"] for r in range(1, args.rounds + 1)},
             "round_s": {r: rounds[str(r)].get("seconds") for r in range(1, args.rounds + 1)},
             "learned": trial.learned, "received": trial.received,
-            "wall_s": time.time() - t0}
+            "snapshots_rejected": trial.rejected, "wall_s": time.time() - t0}
 
 
-def run_central(args) -> dict:
+def run_central(sites: int, split: str, args) -> dict:
     from edgecl.federation.trial import interleaved, site_streams
 
-    streams, test_x, test_y = site_streams(3, "disjoint", args.seed, args.train_per_class)
+    streams, test_x, test_y = site_streams(sites, split, args.seed, args.train_per_class)
     x, y = interleaved(streams, args.rounds)
     return {"accuracy": learn_alone(x, y, test_x, test_y, args.seed), "samples": len(y)}
 
@@ -111,15 +111,19 @@ def row(result: dict, central: float) -> str:
         cells.append("–" if not acc else
                      f"{mean(acc.values()):.1%} (worst {min(acc.values()):.1%})")
     final = after.get(str(result["rounds_run"]), after.get(result["rounds_run"])) or {}
+    cells.append(f"{central:.1%}")
     cells.append(f"{(mean(final.values()) - central) * 100:+.1f}" if final else "–")
     down = mean(result["bytes_down"].values()) / 1e6
     up = mean(result["bytes_up"].values()) / 1e6
+    rejected = result.get("snapshots_rejected")
     cells += [f"{down:.1f} / {up:.1f}", f"{mean(result['round_s'].values()):.0f}",
+              "–" if rejected is None else str(sum(rejected.values())),
               "yes" if result["learned"] == result["received"] else "NO"]
     return "| " + " | ".join(cells) + " |"
 
 
 def render(results: list[dict], central: dict, command: str) -> str:
+    """`central`: (sites, split) -> the central run on that cut's streams."""
     cpu = platform.processor() or platform.machine()
     lines = [
         "## Federation on Flower: many sites, one model",
@@ -133,17 +137,19 @@ def render(results: list[dict], central: dict, command: str) -> str:
         "over the wire and scored with onnxruntime (fp32), on all ten classes: the mean over "
         "sites and the worst site (a snapshot the int8 gate refused leaves the site's older "
         "one). *Before*: each site's learner alone on its whole stream "
-        f"(its classes only). *Central*: one learner on every site's samples, interleaved as "
-        f"the sensors push them: {central['accuracy']:.1%}. Δ central: the last round's mean "
-        "minus central, in points. MB per round: what the SuperLink sent to all sites (the "
+        "(its classes only). *Central*: one learner on every site's samples of that cut, "
+        "interleaved as the sensors push them. Δ central: the last round's mean minus "
+        "central, in points. Refused: snapshots the int8 parity gate refused, all sites, "
+        "the whole run. MB per round: what the SuperLink sent to all sites (the "
         "global model, twice with calibration: the query carries it) / what came back (the "
         "sites' models and class statistics).",
         "",
         "| sites | split | strategy | calibration | before | after 1 round | after 3 "
-        "| after 10 | Δ central | MB per round (down / up) | round s | nothing acked lost |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| after 10 | central | Δ central | MB per round (down / up) | round s | refused "
+        "| nothing acked lost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [row(r, central["accuracy"]) for r in results]
+    lines += [row(r, central[(r["sites"], r["split"])]["accuracy"]) for r in results]
     return "\n".join(lines) + "\n"
 
 
@@ -174,16 +180,20 @@ def main() -> int:
     runs += [(s, sp, "fedavg", "features") for s, sp in parse_configs(args.fedavg)]
     runs += [(s, sp, "class-aware", "none") for s, sp in parse_configs(args.no_calibration)]
     tag = f"tpc{args.train_per_class}-r{args.rounds}-s{args.seed}"
+    cuts = sorted({(s, sp) for s, sp, *_ in runs})
     if not args.render:
-        central = run_central(args)
-        (OUT / f"central-{tag}.json").write_text(json.dumps(central))
-        print(f"central: {central}", flush=True)
+        for sites, split in cuts:
+            central = run_central(sites, split, args)
+            (OUT / f"central-{sites}{split}-{tag}.json").write_text(json.dumps(central))
+            print(f"central {sites}:{split}: {central}", flush=True)
         for sites, split, strategy, calibration in runs:
             result = run_config(sites, split, strategy, calibration, args)
             (OUT / f"{sites}-{split}-{strategy}-{calibration}-{tag}.json").write_text(
                 json.dumps(result))
+            central = json.loads((OUT / f"central-{sites}{split}-{tag}.json").read_text())
             print(row(result, central["accuracy"]), flush=True)
-    central = json.loads((OUT / f"central-{tag}.json").read_text())
+    central = {(s, sp): json.loads((OUT / f"central-{s}{sp}-{tag}.json").read_text())
+               for s, sp in cuts}
     names = [f"{s}-{sp}-{st}-{cal}-{tag}.json" for s, sp, st, cal in runs]
     results = [json.loads((OUT / n).read_text()) for n in names if (OUT / n).exists()]
     text = render(results, central, "benchmarks/federation.py " + " ".join(sys.argv[1:]))

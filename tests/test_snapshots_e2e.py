@@ -160,6 +160,7 @@ def test_versions_monotonic_across_restart_and_parity_failure_blocks(start_daemo
         time.sleep(0.1)
     assert failure and "max |dlogit|" in failure["failures"][0]
     assert get_status(again.address)["snapshot_version"] == 1  # nothing was published
+    assert get_status(again.address)["snapshots_rejected"] >= 1
     from edgecl.cli.status import format_status
     table = format_status(get_status(again.address), again.address)
     assert "last refused" in table and "max |dlogit|" in table

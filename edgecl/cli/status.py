@@ -158,7 +158,8 @@ def format_status(status: dict, address: str = "", extra: list | tuple = ()) -> 
     refused_snapshot = status.get("snapshot_last_failure")
     if refused_snapshot:
         rows.append(("last refused", f"snapshot at {refused_snapshot.get('samples_learned')} "
-                                     f"samples: {'; '.join(refused_snapshot.get('failures') or [])}"))
+                                     f"samples: {'; '.join(refused_snapshot.get('failures') or [])}"
+                                     f" ({status.get('snapshots_rejected', 0)} refused this run)"))
     per_class = status.get("per_class_acc") or []
     if per_class:
         rows.append(("per class", "  ".join(f"{e['label']!r}: {_pct(e['acc'])}"

@@ -122,6 +122,7 @@ class SnapshotService:
         self._last_export_s = 0.0             # how long it took
         self._lock = threading.Lock()
         self._last_failure = self.store.last_failure()
+        self._rejections = 0      # snapshots the parity gate refused this run
         self._period_scale = 1.0  # RETRY_FRACTION after a rejection, 1 after a publish
         self._tickets = 0         # snapshot.export requests with wait_ms, issued (socket loop)
         self._outcomes: list[tuple[int, dict]] = []  # (tickets settled up to, outcome)
@@ -260,6 +261,7 @@ class SnapshotService:
         self.freshness.rejected(job.covered or [])
         with self._lock:
             self._last_failure = self.store.last_failure()
+            self._rejections += 1
         self._update_status()
         log.warning("snapshot at %d samples rejected: %s", job.samples_learned, exc)
         latest = self.store.latest()
@@ -382,9 +384,10 @@ class SnapshotService:
     def _update_status(self) -> None:
         latest = self.store.latest()
         with self._lock:
-            failure = self._last_failure
+            failure, rejections = self._last_failure, self._rejections
         self.daemon.update_status(
             snapshot_version=latest, snapshot_versions=self.store.versions(),
+            snapshots_rejected=rejections,
             snapshot_last_failure=None if failure is None else
             {"time": failure.get("time"), "samples_learned": failure.get("samples_learned"),
              "failures": failure.get("failures")},

@@ -116,6 +116,7 @@ class TrialResult:
     results: dict           # the ServerApp's results file (per round: sites, bytes, seconds)
     learned: dict           # site -> samples_learned at the end
     received: dict          # site -> samples_received (acked) at the end
+    rejected: dict          # site -> snapshots its int8 parity gate refused
 
 
 def site_accuracy(results: dict, round_no: int) -> dict:
@@ -157,12 +158,13 @@ def run_trial(workdir, sites: int = 3, split: str = "disjoint", rounds: int = 3,
             t.join(600)
             if t.errors:
                 raise RuntimeError(f"{t.name}: {t.errors[0]}")
-        learned, received = {}, {}
+        learned, received, rejected = {}, {}, {}
         for site in fed.sites:
             status = _drained(site, get_status)
             learned[site.name] = status["samples_learned"]
             received[site.name] = status["samples_received"]
-    return TrialResult(streams, results, learned, received)
+            rejected[site.name] = status.get("snapshots_rejected", 0)
+    return TrialResult(streams, results, learned, received, rejected)
 
 
 def _drained(site, get_status, timeout: float = 600.0) -> dict:

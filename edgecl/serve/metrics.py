@@ -43,6 +43,8 @@ SCALARS = {
     "steps_per_s": ("edgecl_learner_steps_per_second", "Recent learner step rate", False),
     "uptime_s": ("edgecl_uptime_seconds", "Seconds since the daemon started", False),
     "snapshot_version": ("edgecl_snapshot_version", "Newest published snapshot version", False),
+    "snapshots_rejected": ("edgecl_snapshots_rejected",
+                           "Snapshots the int8 parity gate refused this run", True),
     "curve_refused": ("edgecl_curve_refused",
                       "CURVE handshakes refused: a client key not on the allow-list", True),
 }
