@@ -46,23 +46,27 @@ from sections import write_section  # noqa: E402
 OUT = ROOT / "bench-results" / "federation"
 BATCH = 32
 CONFIGS = ((3, "disjoint"), (3, "overlap"), (5, "disjoint"), (5, "overlap"))
-DEFAULT = {"strategy": "class-aware", "calibration": "features", "bn": "global",
-           "bn_variance": "union",
+DEFAULT = {"strategy": "class-aware", "calibration": "features", "head_fit": "scaled",
+           "bn": "global", "bn_variance": "union",
            "learner": {"merge_logits": "fill"}}  # learner: LearnerConfig fields
-BEFORE = {"bn_variance": "mean", "learner": {"merge_logits": "keep"}}  # until this round
+SHORT = {"head_fit": "short"}  # the head calibration's short fit, the default until now
+BEFORE = {**SHORT, "bn_variance": "mean", "learner": {"merge_logits": "keep"}}  # before both
 GRIDS = {  # name -> settings that differ from DEFAULT, and on which configurations
     "default": ({}, CONFIGS),
     "fedavg": ({"strategy": "fedavg"}, CONFIGS),
     "nocal": ({"calibration": "none"}, CONFIGS[:1]),
-    "bn": ([{"bn": "local"}, {"bn": "refresh"}], CONFIGS[:1]),
-    "meanvar": ({"bn_variance": "mean"}, CONFIGS),
+    "short": (SHORT, CONFIGS),
+    "short-fedavg": ({**SHORT, "strategy": "fedavg"}, CONFIGS),
+    "short-bn": ([{**SHORT, "bn": "local"}, {**SHORT, "bn": "refresh"}], CONFIGS[:1]),
+    "meanvar": ({**SHORT, "bn_variance": "mean"}, CONFIGS),
     "before": (BEFORE, CONFIGS),
     "before-fedavg": ({**BEFORE, "strategy": "fedavg"}, CONFIGS),
     "before-nocal": ({**BEFORE, "calibration": "none"}, CONFIGS[:1]),
     "before-bn": ([{**BEFORE, "bn": "local"}, {**BEFORE, "bn": "refresh"}], CONFIGS[:1]),
-    "replace": ({"bn_variance": "mean", "learner": {"merge_logits": "replace"}}, CONFIGS[:1]),
-    "iter8": ({"bn_variance": "mean", "learner": {"merge_logits": "fill", "iterations": 8}},
-              CONFIGS[2:3]),
+    "replace": ({**SHORT, "bn_variance": "mean", "learner": {"merge_logits": "replace"}},
+                CONFIGS[:1]),
+    "iter8": ({**SHORT, "bn_variance": "mean",
+               "learner": {"merge_logits": "fill", "iterations": 8}}, CONFIGS[2:3]),
 }
 
 
@@ -75,7 +79,7 @@ def accuracy(learner, x, y) -> float:
     return float(np.mean(np.asarray(learner.predict_many(x)) == y))
 
 
-def calibrated(glob, learners, bn: str):
+def calibrated(glob, learners, bn: str, fit: str):
     """The aggregated model with its head refitted on the sites' class statistics."""
     from edgecl.client.federation import ClassStats
     from edgecl.federation.calibrate import calibrate_head
@@ -83,7 +87,7 @@ def calibrated(glob, learners, bn: str):
     reports = [ClassStats(**learner.class_statistics(glob.arrays, bn=bn)) for learner in learners]
     arrays = glob.arrays
     arrays["head.weight"], arrays["head.bias"], _ = calibrate_head(
-        glob.labels, arrays["head.weight"], arrays["head.bias"], reports)
+        glob.labels, arrays["head.weight"], arrays["head.bias"], reports, fit=fit)
     return glob
 
 
@@ -110,7 +114,7 @@ def simulate(job: dict) -> dict:
                                     name=s.name))
         glob = aggregate(models, job["strategy"], job["bn_variance"])
         if job["calibration"] == "features":
-            glob = calibrated(glob, learners, job["bn"])
+            glob = calibrated(glob, learners, job["bn"], job["head_fit"])
         for learner in learners:
             learner.merge_global(glob.labels, glob.arrays, job["bn"])
         per_round.append([accuracy(learner, tx, ty) for learner in learners])
@@ -159,7 +163,9 @@ def result_name(job: dict) -> str:
         return f"sim-{job['kind']}-{job['sites']}{job['split']}-s{job['seed']}.json"
     learner = "".join(f"-{k}={v}" for k, v in sorted(job["learner"].items()))
     var = "" if job["bn_variance"] == "union" else f"-{job['bn_variance']}var"
-    return (f"sim-{job['sites']}{job['split']}-{job['strategy']}-{job['calibration']}-"
+    fit = "" if job["head_fit"] == "scaled" or job["calibration"] == "none" else \
+        f"-{job['head_fit']}fit"  # without calibration there is no fit
+    return (f"sim-{job['sites']}{job['split']}-{job['strategy']}-{job['calibration']}{fit}-"
             f"{job['bn']}{var}{learner}-s{job['seed']}.json")
 
 
@@ -180,7 +186,7 @@ def make_jobs(grids: list[str], seeds: list[int], rounds: int, tpc: int) -> list
 
 def row_key(result: dict) -> tuple:
     return (result["sites"], result["split"], result["strategy"], result["calibration"],
-            result["bn"], result["bn_variance"],
+            result["head_fit"] if result["calibration"] != "none" else "–", result["bn"], result["bn_variance"],
             " ".join(f"{k}={v}" for k, v in sorted(result["learner"].items())))
 
 
@@ -200,7 +206,9 @@ def render(results: list[dict], command: str) -> str:
              "per site, one or two runs at a time. Seeds "
              f"{', '.join(map(str, seeds))} (a row says how many it ran): each draws which "
              "digits go to which site, their order and the samples. Mean accuracy of the sites on all ten digits after that "
-             "round's merge, mean over seeds (in brackets: the worst site of any seed). bn "
+             "round's merge, mean over seeds (in brackets: the worst site of any seed). head "
+             "fit: the calibrated head is the converged fit `scaled` to a short fit's row "
+             "norm, or the `short` fit itself (edgecl/federation/calibrate.py). bn "
              "variance: a merged BatchNorm variance pooled over the `union` of the sites' "
              "inputs, or their `mean`. learner: the sites' LearnerConfig settings that differ "
              "from LearnerConfig's defaults, `merge_logits` always shown (`fill`: DER++'s "
@@ -213,10 +221,10 @@ def render(results: list[dict], command: str) -> str:
              "accuracy), mean over the row's seeds (worst seed). Δ central: after 10 rounds, "
              "the row's mean minus central's mean on the same cut and seeds, in points. Rounds 8–10: the mean over the last three rounds (one round's figure "
              "swings by several points).", "",
-             "| sites | split | strategy | calibration | bn | bn variance | learner "
+             "| sites | split | strategy | calibration | head fit | bn | bn variance | learner "
              "| seeds | alone | after 1 round | after 3 | after 10 | rounds 8–10 | central "
              "| Δ central |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     default = row_key({**DEFAULT, "sites": 0, "split": ""})
     keys = sorted({row_key(r) for r in sims}, key=lambda k: (
         k[0], k[1], *(a != b for a, b in zip(k[2:], default[2:])), k[2:]))
@@ -224,7 +232,7 @@ def render(results: list[dict], command: str) -> str:
         runs = [r for r in sims if row_key(r) == key]
         solo = [a for r in results if r["kind"] == "alone" and (r["sites"], r["split"]) ==
                 key[:2] for a in r["accuracy"]]
-        cells = [str(key[0]), key[1], *(f"`{v}`" for v in key[2:]),
+        cells = [str(key[0]), key[1], *(f"`{v}`" if v != "–" else v for v in key[2:]),
                  str(len(runs)), cell(solo)]
         for k in (1, 3, 10):
             means = [float(np.mean(r["accuracy"][k - 1])) for r in runs

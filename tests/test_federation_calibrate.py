@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from edgecl.client.federation import ClassStats
-from edgecl.federation.calibrate import calibrate_head, pool
+from edgecl.federation.calibrate import (CONVERGED_STEPS, FIT_STEPS, calibrate_head, fit_head,
+                                         fit_softmax, pool)
 
 DIM = 6
 
@@ -83,6 +84,31 @@ def test_a_head_that_favours_one_class_is_refitted_to_tell_every_class_apart():
     assert new_b[4] == bias[4]
     again = calibrate_head(labels, weight, bias, sites, seed=3)
     np.testing.assert_array_equal(again[0], new_w)  # seeded: the same fit
+
+
+def test_the_scaled_fit_predicts_as_the_converged_fit_at_the_short_fits_scale():
+    """Classes that differ along a low-variance dimension: the short fit stops before it
+    tells them apart, the converged one does, and `scaled` keeps its direction and offsets
+    at the short fit's row norm (what the sites go on training through)."""
+    rng = np.random.default_rng(6)
+    centers = {0: [0, -0.1, 0, 0, 0, 0], 1: [0, 0.1, 0, 0, 0, 0], 2: [4, 0, 0, 0, 0, 0]}
+    spread = np.array([1.0, 0.05, 1, 1, 1, 1])
+    x = np.concatenate([np.array(c) + spread * rng.standard_normal((200, DIM))
+                        for c in centers.values()])
+    y = np.repeat(np.arange(3), 200)
+    w0, b0 = np.zeros((3, DIM)), np.zeros(3)
+    short_w, short_b = fit_head(x, y, w0, b0, "short")
+    conv_w, conv_b = fit_softmax(x, y, w0, b0, CONVERGED_STEPS)
+    w, b = fit_head(x, y, w0, b0)  # 'scaled', the default
+    np.testing.assert_allclose(np.linalg.norm(w, axis=1).mean(),
+                               np.linalg.norm(short_w, axis=1).mean(), rtol=1e-9)
+    np.testing.assert_array_equal(np.argmax(x @ w.T + b, 1), np.argmax(x @ conv_w.T + conv_b, 1))
+    accuracy = lambda w, b: np.mean(np.argmax(x @ w.T + b, 1) == y)
+    assert accuracy(w, b) > accuracy(short_w, short_b) + 0.01
+    np.testing.assert_array_equal(fit_head(x, y, w0, b0, "short")[0],
+                                  fit_softmax(x, y, w0, b0, FIT_STEPS)[0])
+    with pytest.raises(ValueError, match="fit must be one of"):
+        fit_head(x, y, w0, b0, "long")
 
 
 def test_with_fewer_than_two_reported_classes_the_head_is_kept():
