@@ -98,12 +98,11 @@ def fit_head(x: np.ndarray, y: np.ndarray, weight: np.ndarray, bias: np.ndarray,
     the sites go on training through it (its scale sets how hard their cross-entropy and
     DER++'s stored logits push the backbone). A converged fit predicts best, but its rows
     grow about half again as long as a short fit's, and sites that train on them wreck the
-    backbone (measured: 5 disjoint sites fell to 12 % after a round); a short fit keeps
-    them stable but stops far from the best direction (70.7 % against 75.8 % after 10
-    rounds on the same run; BENCHMARKS.md). `scaled` (the default): the converged fit
-    (CONVERGED_STEPS), scaled down to the mean row norm of the short fit (FIT_STEPS) -
+    backbone (5 sites fell to 8-17 % after round 3); a short fit keeps them stable but stops
+    far from the best direction. `scaled` (the default): the converged fit
+    (CONVERGED_STEPS) scaled down to the mean row norm of the short fit (FIT_STEPS);
     scaling weight and bias together changes no prediction. `short`: the short fit as it
-    stands."""
+    stands. Measured in docs/federation.md, "Head calibration"."""
     if fit not in FITS:
         raise ValueError(f"fit must be one of {', '.join(FITS)}, not {fit!r}")
     w, b = fit_softmax(x, y, weight, bias, FIT_STEPS)
