@@ -91,8 +91,9 @@ def calibrated(glob, learners, bn: str, fit: str):
     return glob
 
 
-def simulate(job: dict) -> dict:
-    """One federation run: the sites' accuracies after every round."""
+def simulate(job: dict, probe=None) -> dict:
+    """One federation run: the sites' accuracies after every round. `probe(round, phase,
+    streams, learners)` is called before ("local") and after ("merged") each round's merge."""
     import torch
 
     from edgecl.federation.aggregate import SiteModel, aggregate
@@ -112,11 +113,15 @@ def simulate(job: dict) -> dict:
             models.append(SiteModel(list(learner.labels), list(learner.class_counts),
                                     learner.learned_since_merge, dict(learner.model_arrays()),
                                     name=s.name))
+        if probe:
+            probe(r + 1, "local", streams, learners)
         glob = aggregate(models, job["strategy"], job["bn_variance"])
         if job["calibration"] == "features":
             glob = calibrated(glob, learners, job["bn"], job["head_fit"])
         for learner in learners:
             learner.merge_global(glob.labels, glob.arrays, job["bn"])
+        if probe:
+            probe(r + 1, "merged", streams, learners)
         per_round.append([accuracy(learner, tx, ty) for learner in learners])
         print(f"{result_name(job)} round {r + 1}: mean {np.mean(per_round[-1]):.3f}", flush=True)
     return {**job, "accuracy": per_round}
