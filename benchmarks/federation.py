@@ -15,8 +15,9 @@ For each configuration (sites : split, edgecl/federation/trial.py):
   total time, or the streams run out early); a round waits until every site learned
   1/rounds of its stream (or 60 s passed). After each round's merge every site exports a
   snapshot, which is pulled over the wire and scored with onnxruntime (fp32) on the same
-  test digits (a snapshot the int8 parity gate refuses is not published: the site's newest
-  is then an older one, as for its devices);
+  test digits (a snapshot the parity gate refuses whole is not published: the site's newest
+  is then an older one, as for its devices; one whose int8 model alone failed is published
+  as fp32 alone, and the newest int8 model, what an int8 device runs, is scored beside it);
 - bytes sent per round (the global model to every site, each site's model back, and the
   head calibration's query and class statistics; Flower's ArrayRecord sizes) and round
   time on loopback;
@@ -81,11 +82,14 @@ def run_config(sites: int, split: str, strategy: str, calibration: str, args) ->
             "train_per_class": args.train_per_class, "rounds_run": args.rounds,
             "classes": {s.name: s.classes for s in streams}, "before": before,
             "after": {r: site_accuracy(trial.results, r) for r in range(1, args.rounds + 1)},
+            "after_int8": {r: site_accuracy(trial.results, r, "int8-accuracy")
+                           for r in range(1, args.rounds + 1)},
             "bytes_down": {r: rounds[str(r)]["bytes_down"] for r in range(1, args.rounds + 1)},
             "bytes_up": {r: rounds[str(r)]["bytes_up"] for r in range(1, args.rounds + 1)},
             "round_s": {r: rounds[str(r)].get("seconds") for r in range(1, args.rounds + 1)},
             "learned": trial.learned, "received": trial.received,
-            "snapshots_rejected": trial.rejected, "wall_s": time.time() - t0}
+            "snapshots_rejected": trial.rejected, "int8_withheld": trial.int8_withheld,
+            "wall_s": time.time() - t0}
 
 
 def run_central(sites: int, split: str, args) -> dict:
@@ -113,11 +117,14 @@ def row(result: dict, central: float) -> str:
     final = after.get(str(result["rounds_run"]), after.get(result["rounds_run"])) or {}
     cells.append(f"{central:.1%}")
     cells.append(f"{(mean(final.values()) - central) * 100:+.1f}" if final else "–")
+    int8 = result.get("after_int8", {})
+    int8 = int8.get(str(result["rounds_run"]), int8.get(result["rounds_run"])) or {}
+    cells.append(f"{mean(int8.values()):.1%} (worst {min(int8.values()):.1%})" if int8 else "–")
     down = mean(result["bytes_down"].values()) / 1e6
     up = mean(result["bytes_up"].values()) / 1e6
-    rejected = result.get("snapshots_rejected")
+    refused = [result.get("snapshots_rejected"), result.get("int8_withheld")]
     cells += [f"{down:.1f} / {up:.1f}", f"{mean(result['round_s'].values()):.0f}",
-              "–" if rejected is None else str(sum(rejected.values())),
+              " / ".join("–" if r is None else str(sum(r.values())) for r in refused),
               "yes" if result["learned"] == result["received"] else "NO"]
     return "| " + " | ".join(cells) + " |"
 
@@ -135,19 +142,22 @@ def render(results: list[dict], central: dict, command: str) -> str:
         f"seed {results[0]['seed']}; the test set is the same 1,000 digits (100 per class) for "
         "every site. Accuracy is each site's newest snapshot after that round's merge, pulled "
         "over the wire and scored with onnxruntime (fp32), on all ten classes: the mean over "
-        "sites and the worst site (a snapshot the int8 gate refused leaves the site's older "
+        "sites and the worst site (a snapshot the gate refused leaves the site's older "
         "one). *Before*: each site's learner alone on its whole stream "
         "(its classes only). *Central*: one learner on every site's samples of that cut, "
         "interleaved as the sensors push them. Δ central: the last round's mean minus "
-        "central, in points. Refused: snapshots the int8 parity gate refused, all sites, "
+        "central, in points. *int8 devices, after 10*: the newest version that has an int8 "
+        "model, scored as an int8-only device pulls it (`–`: not measured in that run). "
+        "Refused: snapshots the parity gate refused whole / published as fp32 alone "
+        "because only int8 failed (`–`: the run predates fp32-alone publishing), all sites, "
         "the whole run. MB per round: what the SuperLink sent to all sites (the "
         "global model, twice with calibration: the query carries it) / what came back (the "
         "sites' models and class statistics).",
         "",
         "| sites | split | strategy | calibration | before | after 1 round | after 3 "
-        "| after 10 | central | Δ central | MB per round (down / up) | round s | refused "
-        "| nothing acked lost |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| after 10 | central | Δ central | int8 devices, after 10 | MB per round (down / up) "
+        "| round s | refused (whole / int8) | nothing acked lost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [row(r, central[(r["sites"], r["split"])]["accuracy"]) for r in results]
     return "\n".join(lines) + "\n"

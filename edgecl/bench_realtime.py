@@ -194,10 +194,10 @@ def _row(policy, rate, results, status, scores, learner_acc, depth, stream_s) ->
     pct = (lambda q: round(float(np.percentile(latency, q)) * 1000, 1)) if latency else \
         (lambda q: None)
     snapshot = None if scores is None else scores["model.onnx"]["accuracy"]
+    int8 = None if scores is None else scores["model.int8.onnx"]  # None: fp32 published alone
     return {"policy": policy, "rate": round(rate, 1), "stream_s": round(stream_s, 1),
             "learner_acc": learner_acc, "snapshot_acc": snapshot,
-            "snapshot_int8_acc": None if scores is None else
-            scores["model.int8.onnx"]["accuracy"],
+            "snapshot_int8_acc": None if int8 is None else int8["accuracy"],
             "acked": sum(r["acked"] for r in results.values()),
             "dropped": sum(r["dropped"] for r in results.values()),
             "busy": sum(r["busy"] for r in results.values()),
@@ -272,8 +272,9 @@ def format_table(result: dict) -> str:
              "int8) | trained | offered only | dropped by sensors | busy replies | ack p50 / "
              "p99 ms | max queue |", "|" + "---|" * 12]
     for r in result["rows"]:
+        int8 = r.get("snapshot_int8_acc")
         snap = "rejected" if r["snapshot_acc"] is None else \
-            f"{r['snapshot_acc']:.1%} / {r['snapshot_int8_acc']:.1%}"
+            f"{r['snapshot_acc']:.1%} / " + ("fp32 alone" if int8 is None else f"{int8:.1%}")
         lines.append(f"| {r['policy']} | {r['stream']} | {r['factor']:g} | {r['rate']:g} | "
                      f"{r['learner_acc']:.1%} | {snap} | {r['trained']} | {r['offered']} | "
                      f"{r['dropped']} | {r['busy']} | {r['ack_p50_ms']} / {r['ack_p99_ms']} | "

@@ -158,6 +158,8 @@ class SnapshotConfig:
     gate_min_int8_agreement: float = 0.98  # int8 vs fp32 top-1, fraction
     gate_max_accuracy_drop: float = 0.01   # fp32 - int8 held-out accuracy, fraction
     gate_alpha: float = 0.05           # int8 checks reject only if significant at this level
+    publish_fp32_alone: bool = True    # when only int8's checks fail, publish fp32 without
+                                       # int8 (int8 devices keep their last int8 model)
 
     def check(self) -> None:
         for key in ("every_samples", "every_s"):

@@ -45,6 +45,10 @@ def _pull_and_score(address: str, out_dir: str, stream) -> None:
     if scores["outcome"] == "rejected":
         print("  (the parity gate refused the newest export; this is the one before it)")
     for name in ("model.onnx", "model.int8.onnx"):
+        if scores[name] is None:
+            print(f"  {name:16s} not in this version: int8 failed the parity gate, so the "
+                  "fp32 model was published alone")
+            continue
         print(f"  {name:16s} {scores[name]['bytes'] / 1024:7.0f} KB  onnxruntime accuracy on "
               f"the {len(stream.test_y):,} test digits: {scores[name]['accuracy']:.1%}")
 

@@ -36,7 +36,8 @@ def register(subparsers) -> None:
                     "out; an interrupted pull resumes.")
     _common(p)
     p.add_argument("--out", required=True, metavar="DIR", help="directory to install into")
-    p.add_argument("--int8-only", action="store_true", help="skip the fp32 model")
+    p.add_argument("--int8-only", action="store_true",
+                   help="install only the int8 model, from the newest version that has one")
     p.add_argument("--watch", action="store_true",
                    help="keep running and install each new version as it is announced")
     p.add_argument("--wait-ms", type=int, default=0, metavar="MS",
@@ -96,8 +97,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
         raise _unavailable(exc) from None
     local = client.local_version()
     if version is None:
+        kind = "int8 " if args.int8_only else ""
         print(f"{args.out}: up to date at version {local}" if local is not None
-              else f"{args.address} has published no snapshot yet")
+              else f"{args.address} has published no {kind}snapshot yet")
         return 0 if local is not None else 1
     print(f"installed snapshot {version} in {args.out}")
     return 0
@@ -141,6 +143,7 @@ def export_summary(reply: dict) -> dict:
             "accuracy_fp32": parity.get("accuracy_fp32"),
             "accuracy_int8": parity.get("accuracy_int8"), "bytes": reply.get("bytes"),
             "failures": parity.get("failures", []), "checks": parity.get("checks", {}),
+            "int8_published": (reply.get("int8") or {}).get("published"),
             "message": reply.get("message")}
 
 
@@ -149,8 +152,12 @@ def describe_export(reply: dict, wait_ms: int) -> list[str]:
     outcome, n = reply["outcome"], reply.get("samples_learned")
     if outcome == "published":
         sizes = ", ".join(f"{name} {size:,} B" for name, size in (reply.get("bytes") or {}).items())
-        return [f"published snapshot {reply['version']} ({n:,} samples learned; {sizes})",
-                "parity gate passed:", *gate_lines(reply.get("parity") or {})]
+        headline = f"published snapshot {reply['version']} ({n:,} samples learned; {sizes})"
+        if (reply.get("int8") or {}).get("published") is False:
+            return [headline, "fp32 alone: the int8 model failed the parity gate and was held "
+                    "back (int8 devices keep the newest version that has one):",
+                    *gate_lines(reply.get("parity") or {})]
+        return [headline, "parity gate passed:", *gate_lines(reply.get("parity") or {})]
     if outcome == "rejected":
         return [f"rejected by the parity gate at {n:,} samples learned; devices keep version "
                 f"{reply.get('latest')}:", *gate_lines(reply.get("parity") or {})]

@@ -98,6 +98,17 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _snapshot_row(status: dict) -> str:
+    """Newest version, the newest with an int8 model when that is an older one, and age."""
+    version, int8 = status.get("snapshot_version"), status.get("snapshot_int8_version")
+    if version is None:
+        return "none yet"
+    text = f"v{version}"
+    if "snapshot_int8_version" in status and int8 != version:
+        text += f" (fp32 alone; int8 devices keep {'none' if int8 is None else f'v{int8}'})"
+    return text + _snapshot_age(status.get("snapshot_age"))
+
+
 def _snapshot_age(age: dict | None) -> str:
     """Freshness: ack of a sample to the first published snapshot that learned it."""
     if not age:
@@ -131,8 +142,7 @@ def format_status(status: dict, address: str = "", extra: list | tuple = ()) -> 
                    f"samples, {(status.get('buffer_bytes') or 0) / 1024:.0f} KiB"),
         ("learner", f"{status.get('steps') or 0} steps, {status.get('steps_per_s') or 0:.1f} "
                     "steps/s"),
-        ("snapshot", "none yet" if status.get("snapshot_version") is None
-         else f"v{status['snapshot_version']}" + _snapshot_age(status.get("snapshot_age"))),
+        ("snapshot", _snapshot_row(status)),
     ]
     checkpoint, journal = status.get("checkpoint"), status.get("journal")
     if checkpoint and journal:
@@ -157,9 +167,12 @@ def format_status(status: dict, address: str = "", extra: list | tuple = ()) -> 
         rows.append(("last error", status["learner_error"]))
     refused_snapshot = status.get("snapshot_last_failure")
     if refused_snapshot:
-        rows.append(("last refused", f"snapshot at {refused_snapshot.get('samples_learned')} "
+        what = "int8 model" if refused_snapshot.get("fp32_published") else "snapshot"
+        rows.append(("last refused", f"{what} at {refused_snapshot.get('samples_learned')} "
                                      f"samples: {'; '.join(refused_snapshot.get('failures') or [])}"
-                                     f" ({status.get('snapshots_rejected', 0)} refused this run)"))
+                                     f" ({status.get('snapshots_rejected', 0)} refused, "
+                                     f"{status.get('snapshots_int8_withheld', 0)} published as "
+                                     "fp32 alone this run)"))
     per_class = status.get("per_class_acc") or []
     if per_class:
         rows.append(("per class", "  ".join(f"{e['label']!r}: {_pct(e['acc'])}"

@@ -11,6 +11,9 @@ safely.
   not match, it is deleted and fetched once more from byte 0, then the pull fails.
 - Only after every file checks out are they renamed into DIR, meta.json last: until then the
   previous model stays in place, untouched.
+- A version may hold the fp32 model alone (its int8 model failed the parity gate). A device
+  that takes both installs it and removes its old int8 file; an `int8_only` device asks for
+  the newest version that has an int8 model (`precision` "int8") and keeps its own until then.
 
 `pull_and_score` is the device's end of `edgecl demo` and `edgecl bench realtime`: ask for a
 snapshot, pull it, score both models with onnxruntime.
@@ -37,8 +40,8 @@ from edgecl.client.connection import (DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, Connec
                                       DaemonUnavailable, LazyPirate, RequestRefused, new_socket)
 from edgecl.errors import UserError
 from edgecl.security import ClientCurve
-from edgecl.files import (FP32_FILE, INT8_FILE, META_FILE, SnapshotCorrupt, fsync_dir,
-                          fsync_file, sha256_bytes, sha256_file)
+from edgecl.files import (FP32_FILE, INT8_FILE, META_FILE, MODEL_FILES, SnapshotCorrupt,
+                          fsync_dir, fsync_file, sha256_bytes, sha256_file)
 from edgecl.wire import PROTOCOL_VERSION, ErrorCode, pack, unpack_reply
 
 log = logging.getLogger("edgecl.pull")
@@ -76,14 +79,20 @@ class DeviceClient:
         except (FileNotFoundError, KeyError, ValueError):
             return None
 
-    def files_wanted(self) -> tuple[str, ...]:
-        return (INT8_FILE,) if self.int8_only else (FP32_FILE, INT8_FILE)
+    def files_wanted(self, meta: dict | None = None) -> tuple[str, ...]:
+        """The model files to install from a version with `meta`: the int8 model alone, or
+        every model file the version has (a version may hold fp32 alone: meta `int8`)."""
+        if self.int8_only:
+            return (INT8_FILE,)
+        return tuple(n for n in MODEL_FILES if meta is None or n in meta.get("files", {}))
 
     # -- requests ---------------------------------------------------------------------------
 
     def info(self, since: int | None = None, wait_ms: int = 0) -> dict:
         """The daemon's newest version and meta; long-polls up to wait_ms for one > since."""
         fields = {} if since is None else {"since": since, "wait_ms": int(wait_ms)}
+        if self.int8_only:
+            fields["precision"] = "int8"  # the newest version that has an int8 model
         with Connection(self.address, self.timeout + wait_ms / 1000, self.retries,
                         self._ctx, curve=self.curve) as conn:
             return conn.request("snapshot.info", **fields)
@@ -148,16 +157,21 @@ class DeviceClient:
         for old in (self.out_dir / PARTIAL_DIR).iterdir():
             if old.name != str(version):  # downloads of versions no longer newest
                 shutil.rmtree(old, ignore_errors=True)
+        missing = [n for n in self.files_wanted(meta) if n not in meta["files"]]
+        if missing:
+            raise UserError(f"snapshot {version} has no {', '.join(missing)} (the daemon "
+                            "published fp32 alone and does not know `precision`?); kept "
+                            f"version {self.local_version()}")
         wanted = [(n, meta["files"][n]["bytes"], meta["files"][n]["sha256"])
-                  for n in self.files_wanted()]
+                  for n in self.files_wanted(meta)]
         wanted.append((META_FILE, info["meta_bytes"], info["meta_sha256"]))
         for name, size, digest in wanted:
             self._fetch_verified(version, name, size, digest, partial / name,
                                  info.get("chunk_bytes", 256 * 1024), info.get("credit", 4))
         for name, _, _ in wanted:  # meta.json last: it names the installed version
             os.replace(partial / name, self.out_dir / name)
-        if self.int8_only:
-            (self.out_dir / FP32_FILE).unlink(missing_ok=True)
+        for name in set(MODEL_FILES) - {n for n, _, _ in wanted}:
+            (self.out_dir / name).unlink(missing_ok=True)  # not this version's: never stale
         fsync_dir(self.out_dir)
         shutil.rmtree(partial, ignore_errors=True)
 
@@ -247,26 +261,35 @@ def pull_and_score(address: str, out_dir: str, test_x: np.ndarray, test_y: np.nd
                    wait_s: float = 120.0, curve: ClientCurve | None = None) -> dict | None:
     """Ask for a fresh snapshot and wait until that export is settled, then pull the newest
     published one over the wire (sha256-checked) as a device does, and score the fp32 and
-    int8 ONNX models with onnxruntime on the test samples. If the gate refused the fresh
-    one, the device gets the one before (`outcome` says which). None when no snapshot was
-    ever published."""
-    import onnxruntime as ort
-
+    int8 ONNX models with onnxruntime on the test samples (int8's score is None when the
+    version holds fp32 alone). If the gate refused the fresh one, the device gets the one
+    before (`outcome` says which). None when no snapshot was ever published."""
     with Connection(address, wait_s + 5, 0, curve=curve) as conn:
         outcome = conn.request("snapshot.export", wait_ms=int(wait_s * 1000)).get("outcome")
     device = DeviceClient(address, out_dir, curve=curve)
     device.pull()
     if device.local_version() is None:
         return None
+    return {**score_installed(out_dir, test_x, test_y), "outcome": outcome}
+
+
+def score_installed(out_dir: str | os.PathLike, test_x: np.ndarray, test_y: np.ndarray) -> dict:
+    """Accuracy of each model installed in `out_dir` on the test samples, with onnxruntime;
+    a model file the installed version does not hold scores None."""
+    import onnxruntime as ort
+
     meta = json.loads((Path(out_dir) / META_FILE).read_text())
-    scores: dict = {"version": meta["version"], "outcome": outcome, "labels": meta["labels"]}
+    scores: dict = {"version": meta["version"], "labels": meta["labels"]}
     for name in (FP32_FILE, INT8_FILE):
-        session = ort.InferenceSession(str(Path(out_dir) / name),
-                                       providers=["CPUExecutionProvider"])
+        path = Path(out_dir) / name
+        if name not in meta["files"] or not path.is_file():
+            scores[name] = None  # fp32 published alone, or an int8-only device
+            continue
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         logits = session.run(None, {meta["input"]["name"]: test_x})[0]
         predicted = np.asarray(meta["labels"])[logits.argmax(1)]
         scores[name] = {"accuracy": float(np.mean(predicted == test_y)),
-                        "bytes": (Path(out_dir) / name).stat().st_size}
+                        "bytes": path.stat().st_size}
     return scores
 
 
@@ -281,4 +304,5 @@ def verify_installed(out_dir: str | os.PathLike) -> dict:
     return meta
 
 
-__all__ = ["DeviceClient", "pull_and_score", "verify_installed", "sha256_bytes"]
+__all__ = ["DeviceClient", "pull_and_score", "score_installed", "verify_installed",
+           "sha256_bytes"]

@@ -43,7 +43,7 @@ from edgecl.export.onnx import ParityThresholds, copy_model, export_student
 from edgecl.export.snapshots import SnapshotRejected, SnapshotStore
 from edgecl.config import SnapshotConfig
 from edgecl.errors import UserError
-from edgecl.files import META_FILE, MODEL_FILES, sha256_bytes
+from edgecl.files import FP32_FILE, INT8_FILE, META_FILE, MODEL_FILES, sha256_bytes
 from edgecl.threads import lower_this_thread
 from edgecl.wire import ErrorCode, WireError
 
@@ -52,6 +52,7 @@ log = logging.getLogger("edgecl.snapshots")
 TOPIC = "snapshot"
 REJECTED_TOPIC = "snapshot.rejected"
 FILES = (*MODEL_FILES, META_FILE)
+PRECISIONS = {"any": None, "fp32": FP32_FILE, "int8": INT8_FILE}  # snapshot.info: file it needs
 RETRY_FRACTION = 0.25   # after a rejection, the next try comes after this part of the period
 EXPORT_NICENESS = 5     # exports, like learning, yield cores to the socket loop
 KEPT_OUTCOMES = 32      # settled export outcomes remembered for held requests
@@ -123,6 +124,7 @@ class SnapshotService:
         self._lock = threading.Lock()
         self._last_failure = self.store.last_failure()
         self._rejections = 0      # snapshots the parity gate refused this run
+        self._int8_withheld_count = 0  # snapshots published as fp32 alone this run
         self._period_scale = 1.0  # RETRY_FRACTION after a rejection, 1 after a publish
         self._tickets = 0         # snapshot.export requests with wait_ms, issued (socket loop)
         self._outcomes: list[tuple[int, dict]] = []  # (tickets settled up to, outcome)
@@ -233,7 +235,8 @@ class SnapshotService:
                                     job.heldout_x, job.heldout_y, input_dtype=job.input_dtype,
                                     thresholds=thresholds(self.settings))
             version = self.store.publish_export(result, job.samples_learned,
-                                                extra={"trigger": job.reason})
+                                                extra={"trigger": job.reason},
+                                                fp32_alone=self.settings.publish_fp32_alone)
         except SnapshotRejected as exc:
             self._rejected(job, exc)
             return
@@ -244,16 +247,25 @@ class SnapshotService:
                                       "message": f"{type(exc).__name__}: {exc}"})
             return
         self.freshness.published(job.covered or [])
+        if not result.passed:
+            self._int8_withheld()
         self._update_status()  # status follows the store as closely as it can
-        self._period_scale = 1.0
-        log.info("snapshot %d published (%s, %d samples, %.1f s)", version, job.reason,
-                 job.samples_learned, time.perf_counter() - started)
+        self._period_scale = 1.0 if result.passed else RETRY_FRACTION
+        log.info("snapshot %d published (%s, %d samples, %.1f s%s)", version, job.reason,
+                 job.samples_learned, time.perf_counter() - started,
+                 "" if result.passed else "; fp32 alone, int8 failed the gate")
         self.announce(version)
         meta = self.store.meta(version)
         self._settle(job.ticket, {"outcome": "published", "version": version,
                                   "samples_learned": job.samples_learned,
-                                  "parity": meta.get("parity"),
+                                  "parity": meta.get("parity"), "int8": meta.get("int8"),
                                   "bytes": {n: f["bytes"] for n, f in meta["files"].items()}})
+
+    def _int8_withheld(self) -> None:
+        """The fp32 model went out alone: count it; the int8 model is tried again early."""
+        with self._lock:
+            self._last_failure = self.store.last_failure()
+            self._int8_withheld_count += 1
 
     def _rejected(self, job: _Job, exc: SnapshotRejected) -> None:
         """Status, the log, a PUB line for devices, and an earlier retry."""
@@ -275,7 +287,8 @@ class SnapshotService:
         meta = self.store.meta(version)
         self.daemon.announce(TOPIC, {"version": version,
                                      "samples_learned": meta.get("samples_learned"),
-                                     "files": {n: f["sha256"] for n, f in meta["files"].items()}})
+                                     "files": {n: f["sha256"] for n, f in meta["files"].items()},
+                                     "int8_version": self.store.latest(INT8_FILE)})
         self._update_status()
 
     def restore_heldout(self, state: dict) -> None:
@@ -299,24 +312,29 @@ class SnapshotService:
     # -- socket-loop ops --------------------------------------------------------------------
 
     def op_info(self, header: dict, payload) -> dict | None:
-        """Newest version and its meta. With `since` and `wait_ms`, returns None (the daemon
-        retries it) while nothing newer than `since` exists and the wait is not over."""
+        """Newest version and its meta (with `precision` "int8": the newest that has an int8
+        model). With `since` and `wait_ms`, returns None (the daemon retries it) while
+        nothing newer than `since` exists and the wait is not over."""
         since = header.get("since")
         if since is not None and (type(since) is not int or since < 0):
             raise WireError(ErrorCode.BAD_REQUEST, "since: expected a version number >= 0")
         wait_ms = header.get("wait_ms", 0)
         if type(wait_ms) is not int or wait_ms < 0:
             raise WireError(ErrorCode.BAD_REQUEST, "wait_ms: expected milliseconds >= 0")
-        latest = self.store.latest()
+        precision = header.get("precision", "any")
+        if precision not in PRECISIONS:
+            raise WireError(ErrorCode.BAD_REQUEST, "precision: expected one of "
+                                                   f"{', '.join(PRECISIONS)}")
+        latest = self.store.latest(PRECISIONS[precision])
         if since is not None and wait_ms > 0 and (latest is None or latest <= since):
             return None
+        reply = {"version": latest, "meta": None, "chunk_bytes": self.settings.chunk_bytes,
+                 "credit": self.settings.credit, "int8_version": self.store.latest(INT8_FILE)}
         if latest is None:
-            return {"version": None, "meta": None, "chunk_bytes": self.settings.chunk_bytes,
-                    "credit": self.settings.credit}
+            return reply
         meta_bytes = self.store.read(latest, META_FILE)
-        return {"version": latest, "meta": json.loads(meta_bytes),
-                "meta_sha256": sha256_bytes(meta_bytes), "meta_bytes": len(meta_bytes),
-                "chunk_bytes": self.settings.chunk_bytes, "credit": self.settings.credit}
+        return {**reply, "meta": json.loads(meta_bytes), "meta_sha256": sha256_bytes(meta_bytes),
+                "meta_bytes": len(meta_bytes)}
 
     def op_chunk(self, header: dict, payload) -> dict:
         """Bytes [offset, offset + size) of one file of one version, in the reply."""
@@ -385,12 +403,15 @@ class SnapshotService:
         latest = self.store.latest()
         with self._lock:
             failure, rejections = self._last_failure, self._rejections
+            withheld = self._int8_withheld_count
         self.daemon.update_status(
             snapshot_version=latest, snapshot_versions=self.store.versions(),
-            snapshots_rejected=rejections,
+            snapshot_int8_version=self.store.latest(INT8_FILE),
+            snapshots_rejected=rejections, snapshots_int8_withheld=withheld,
             snapshot_last_failure=None if failure is None else
             {"time": failure.get("time"), "samples_learned": failure.get("samples_learned"),
-             "failures": failure.get("failures")},
+             "failures": failure.get("failures"),
+             "fp32_published": bool(failure.get("fp32_published"))},
             heldout_samples=len(self.heldout), snapshot_age=self.freshness.summary())
 
 

@@ -11,7 +11,10 @@
 - Rollback republishes an older version's files as a new, higher version, so devices that
   follow "the newest version" pick it up like any other.
 - A snapshot whose parity gate failed is never published; the last failure is kept in
-  `last_failure.json` for status.
+  `last_failure.json` for status. When only the int8 checks failed (and `fp32_alone`), the
+  fp32 model is published alone: that version has no `model.int8.onnx`, and its meta.json
+  says why (`int8`). Devices that run int8 keep the newest version that has one, so pruning
+  never removes the newest version with an int8 model.
 """
 from __future__ import annotations
 
@@ -62,6 +65,7 @@ def snapshot_meta(result, samples_learned: int, extra: dict | None = None) -> di
                     "accuracy_int8": p.accuracy_int8, "per_class_fp32": p.per_class_fp32,
                     "per_class_int8": p.per_class_int8},
         "parity": p.as_dict(),
+        "int8": {"published": p.passed, "failures": list(p.int8_failures)},
         "memory": result.memory,
         "export_seconds": {k: round(v, 4) for k, v in result.seconds.items()},
         **(extra or {}),
@@ -92,8 +96,9 @@ class SnapshotStore:
         return sorted(int(p.name) for p in self.root.iterdir()
                       if p.name.isdigit() and p.is_dir())
 
-    def latest(self) -> int | None:
-        versions = self.versions()
+    def latest(self, name: str | None = None) -> int | None:
+        """The newest version, or the newest that has file `name` (say, the int8 model)."""
+        versions = [v for v in self.versions() if name is None or self.path(v, name).is_file()]
         return versions[-1] if versions else None
 
     def path(self, version: int, name: str = "") -> Path:
@@ -156,15 +161,23 @@ class SnapshotStore:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def publish_export(self, result, samples_learned: int, extra: dict | None = None) -> int:
-        """Publish an `ExportResult` if its parity gate passed; record and raise if not."""
+    def publish_export(self, result, samples_learned: int, extra: dict | None = None,
+                       fp32_alone: bool = False) -> int:
+        """Publish an `ExportResult` if its parity gate passed; record and raise if not.
+        With `fp32_alone`, a result that failed only int8's checks is published without its
+        int8 model (the failure is recorded all the same)."""
         if not result.passed:
             report = result.parity.as_dict()
-            self.record_failure(report, samples_learned)
-            raise SnapshotRejected("parity gate failed: " + "; ".join(result.parity.failures),
-                                   report)
+            alone = fp32_alone and result.fp32_passed
+            self.record_failure(report, samples_learned, fp32_published=alone)
+            if not alone:
+                raise SnapshotRejected("parity gate failed: " +
+                                       "; ".join(result.parity.failures), report)
         meta = snapshot_meta(result, samples_learned, extra)
-        return self.publish({FP32_FILE: result.fp32, INT8_FILE: result.int8}, meta)
+        files = {FP32_FILE: result.fp32}
+        if result.passed:
+            files[INT8_FILE] = result.int8
+        return self.publish(files, meta)
 
     def publish(self, files: dict[str, bytes], meta: dict) -> int:
         """Write a new version atomically; returns its number. `meta` is completed with
@@ -221,15 +234,18 @@ class SnapshotStore:
             keep.update(rollback_of=versions[-1], source_version=to)
             return self.publish(files, keep)
 
-    def record_failure(self, report: dict, samples_learned: int | None = None) -> None:
-        """Keep the last rejected export's report for status."""
+    def record_failure(self, report: dict, samples_learned: int | None = None,
+                       fp32_published: bool = False) -> None:
+        """Keep the last rejected export's report for status (`fp32_published`: only its
+        int8 model was held back)."""
         now = time.time()
         entry = {"time_unix": now, "time": datetime.fromtimestamp(now, timezone.utc).isoformat(),
                  "samples_learned": samples_learned, "failures": report.get("failures", []),
-                 "report": report}
+                 "fp32_published": fp32_published, "report": report}
         with self._locked():
             write_atomic(self.root / FAILURE_FILE, json.dumps(entry, indent=2).encode())
-        log.warning("snapshot not published: %s", "; ".join(entry["failures"]))
+        log.warning("%s: %s", "int8 model not published (fp32 published alone)"
+                    if fp32_published else "snapshot not published", "; ".join(entry["failures"]))
 
     # -- internals --------------------------------------------------------------------------
 
@@ -262,7 +278,12 @@ class SnapshotStore:
             raise UserError(f"{self.root / COUNTER_FILE} is not a version number: {exc}") from exc
 
     def _prune(self) -> None:
+        """Keep the last `keep` versions, and the newest one with an int8 model: what a
+        device that runs int8 installs while newer versions are fp32 alone."""
+        int8 = self.latest(INT8_FILE)
         for version in self.versions()[:-self.keep]:
+            if version == int8:
+                continue
             trash = self.root / f"{TRASH_PREFIX}{version}"
             os.rename(self.path(version), trash)
             shutil.rmtree(trash, ignore_errors=True)

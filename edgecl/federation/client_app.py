@@ -30,7 +30,7 @@ from flwr.clientapp import ClientApp
 
 from edgecl.client import ModelClient
 from edgecl.client.connection import get_status
-from edgecl.client.device import pull_and_score
+from edgecl.client.device import DeviceClient, pull_and_score, score_installed
 from edgecl.federation.aggregate import SiteModel
 from edgecl.federation.records import content_global, site_content, stats_content
 from edgecl.security import client_curve
@@ -117,17 +117,28 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def score_snapshot(site: Site) -> dict:
-    """Accuracy of the site's newest snapshot on `eval-npz`, pulled as a device would."""
+    """Accuracy of the site's newest snapshot on `eval-npz`, pulled as a device would; and of
+    the newest int8 model, which is what an int8 device runs when the newest version holds
+    fp32 alone (its int8 model failed the parity gate)."""
     with np.load(site.eval_npz) as data:
         x, y = data["x"], data["y"]
     with tempfile.TemporaryDirectory(prefix="edgecl-eval-") as out:
         scores = pull_and_score(site.address, out, x, y, wait_s=site.timeout, curve=site.curve)
     if scores is None:
         return {}
-    return {"accuracy": scores["model.onnx"]["accuracy"],
-            "int8-accuracy": scores["model.int8.onnx"]["accuracy"],
-            "snapshot": int(scores["version"]), "classes": len(scores["labels"]),
-            "num-examples": int(len(y))}
+    metrics = {"accuracy": scores["model.onnx"]["accuracy"],
+               "snapshot": int(scores["version"]), "classes": len(scores["labels"]),
+               "num-examples": int(len(y))}
+    int8, int8_version = scores["model.int8.onnx"], scores["version"]
+    if int8 is None:
+        with tempfile.TemporaryDirectory(prefix="edgecl-eval-int8-") as out:
+            device = DeviceClient(site.address, out, int8_only=True, curve=site.curve)
+            if device.pull() is not None:
+                int8_scores = score_installed(out, x, y)
+                int8, int8_version = int8_scores["model.int8.onnx"], int8_scores["version"]
+    if int8 is not None:
+        metrics.update({"int8-accuracy": int8["accuracy"], "int8-snapshot": int(int8_version)})
+    return metrics
 
 
 @app.evaluate()

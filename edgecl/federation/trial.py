@@ -116,13 +116,15 @@ class TrialResult:
     results: dict           # the ServerApp's results file (per round: sites, bytes, seconds)
     learned: dict           # site -> samples_learned at the end
     received: dict          # site -> samples_received (acked) at the end
-    rejected: dict          # site -> snapshots its int8 parity gate refused
+    rejected: dict          # site -> snapshots its parity gate refused (nothing published)
+    int8_withheld: dict = None  # site -> snapshots published as fp32 alone (int8 refused)
 
 
-def site_accuracy(results: dict, round_no: int) -> dict:
-    """site -> accuracy of its newest snapshot after `round_no`'s merge (eval-npz runs)."""
+def site_accuracy(results: dict, round_no: int, key: str = "accuracy") -> dict:
+    """site -> accuracy of its newest snapshot after `round_no`'s merge (eval-npz runs);
+    `key` "int8-accuracy": of its newest int8 model, what an int8 device runs."""
     sites = results["rounds"].get(str(round_no), {}).get("sites", {})
-    return {name: m["accuracy"] for name, m in sites.items() if "accuracy" in m}
+    return {name: m[key] for name, m in sites.items() if key in m}
 
 
 def run_trial(workdir, sites: int = 3, split: str = "disjoint", rounds: int = 3,
@@ -158,13 +160,14 @@ def run_trial(workdir, sites: int = 3, split: str = "disjoint", rounds: int = 3,
             t.join(600)
             if t.errors:
                 raise RuntimeError(f"{t.name}: {t.errors[0]}")
-        learned, received, rejected = {}, {}, {}
+        learned, received, rejected, withheld = {}, {}, {}, {}
         for site in fed.sites:
             status = _drained(site, get_status)
             learned[site.name] = status["samples_learned"]
             received[site.name] = status["samples_received"]
             rejected[site.name] = status.get("snapshots_rejected", 0)
-    return TrialResult(streams, results, learned, received, rejected)
+            withheld[site.name] = status.get("snapshots_int8_withheld", 0)
+    return TrialResult(streams, results, learned, received, rejected, withheld)
 
 
 def _drained(site, get_status, timeout: float = 600.0) -> dict:

@@ -44,7 +44,12 @@ SCALARS = {
     "uptime_s": ("edgecl_uptime_seconds", "Seconds since the daemon started", False),
     "snapshot_version": ("edgecl_snapshot_version", "Newest published snapshot version", False),
     "snapshots_rejected": ("edgecl_snapshots_rejected",
-                           "Snapshots the int8 parity gate refused this run", True),
+                           "Snapshots the parity gate refused this run", True),
+    "snapshots_int8_withheld": ("edgecl_snapshots_int8_withheld",
+                                "Snapshots published as fp32 alone this run: their int8 "
+                                "model failed the parity gate", True),
+    "snapshot_int8_version": ("edgecl_snapshot_int8_version",
+                              "Newest published snapshot version that has an int8 model", False),
     "curve_refused": ("edgecl_curve_refused",
                       "CURVE handshakes refused: a client key not on the allow-list", True),
 }
