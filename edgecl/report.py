@@ -188,7 +188,9 @@ def summary_html(story: Story, state_dir: str) -> str:
             f"<p>Classes in order of appearance (samples learned at the time): {classes or '-'}"
             "</p><table id='snapshots'><tr><th>version</th><th>samples learned</th>"
             f"<th>held-out fp32</th><th>held-out int8</th></tr>{rows}</table>"
-            f"<p>{len(story.rejected)} export(s) rejected by the parity gate.</p>")
+            f"<p>{len(story.rejected)} export(s) rejected by the parity gate, "
+            f"{sum(bool(r.get('fp32_published')) for r in story.rejected)} of them published "
+            "as fp32 alone (held-out int8 '-': their int8 model was held back).</p>")
 
 
 def _cell(value) -> str:

@@ -138,16 +138,18 @@ class Recorder:
             self._versions.add(version)
             meta = self.store.meta(version)
             held = meta.get("heldout") or {}
+            int8 = (meta.get("int8") or {}).get("published", True)  # False: fp32 went alone
             self.series.append({"k": "snapshot", "v": version, "n": meta.get("samples_learned"),
                                 "t": meta.get("created_unix"), "fp32": held.get("accuracy_fp32"),
-                                "int8": held.get("accuracy_int8"),
+                                "int8": held.get("accuracy_int8") if int8 else None,
                                 "rollback_of": meta.get("rollback_of")})
         failure = status.get("snapshot_last_failure") or {}
         when = _unix(failure.get("time"))
         if when is not None and when != self._last_rejected:
             self._last_rejected = when
             self.series.append({"k": "rejected", "n": failure.get("samples_learned"), "t": when,
-                                "failures": (failure.get("failures") or [])[:3]})
+                                "failures": (failure.get("failures") or [])[:3],
+                                "fp32_published": bool(failure.get("fp32_published"))})
 
 
 def point(status: dict, samples_learned: int, lr: float | None) -> dict:
