@@ -161,3 +161,17 @@ def test_devices_follow_fp32_alone_versions_by_precision(run_daemons, tmp_path, 
     assert status["snapshot_last_failure"]["fp32_published"] is True
     text = format_status(status, daemon.address)
     assert f"int8 devices keep v{second['version']}" in text and "int8 model at" in text
+
+
+def test_edgecl_export_says_the_int8_model_was_held_back():
+    from edgecl.cli.snapshots import describe_export, export_summary
+
+    reply = {"outcome": "published", "version": 3, "samples_learned": 1200,
+             "bytes": {FP32_FILE: 1000}, "int8": {"published": False, "failures": ["agreement"]},
+             "parity": {"failures": ["int8 vs fp32 top-1 agreement 80%"]}}
+    lines = describe_export(reply, 1000)
+    assert lines[0].startswith("published snapshot 3") and "fp32 alone" in lines[1]
+    assert lines[2] == "  REJECTED int8 vs fp32 top-1 agreement 80%"
+    assert export_summary(reply)["int8_published"] is False
+    passed = {**reply, "int8": {"published": True, "failures": []}, "parity": {}}
+    assert describe_export(passed, 1000)[1] == "parity gate passed:"
