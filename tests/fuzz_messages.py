@@ -298,7 +298,9 @@ def _int_from(low: int):
 
 
 SNAPSHOT_FIELDS = {
-    "snapshot.info": {"since": (False, _int_from(0)), "wait_ms": (False, _int_from(0))},
+    "snapshot.info": {"since": (False, _int_from(0)), "wait_ms": (False, _int_from(0)),
+                      "precision": (False, lambda v: type(v) is str and
+                                    v in ("any", "fp32", "int8"))},
     "snapshot.chunk": {"version": (True, _int_from(0)),
                        "file": (True, lambda v: v in ("model.onnx", "model.int8.onnx",
                                                       "meta.json") if type(v) is str

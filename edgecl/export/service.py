@@ -322,7 +322,7 @@ class SnapshotService:
         if type(wait_ms) is not int or wait_ms < 0:
             raise WireError(ErrorCode.BAD_REQUEST, "wait_ms: expected milliseconds >= 0")
         precision = header.get("precision", "any")
-        if precision not in PRECISIONS:
+        if type(precision) is not str or precision not in PRECISIONS:
             raise WireError(ErrorCode.BAD_REQUEST, "precision: expected one of "
                                                    f"{', '.join(PRECISIONS)}")
         latest = self.store.latest(PRECISIONS[precision])
