@@ -86,7 +86,8 @@ def render(results: list[dict], command: str) -> str:
         "site's student goes through the daemon's export and parity gate just before the "
         "round's merge (*local*) and just after it (*merged*, what the daemon exports next), "
         "calibrated on its replay buffer, its held-out slice being the test digits of its "
-        "stream's classes. *Passed*: sites whose snapshot the gate publishes, over all runs. "
+        "stream's classes. *Passed*: sites whose snapshot passes the whole gate, int8 included, "
+        "over all runs (when only int8 fails, the daemon publishes the fp32 model alone). "
         "*Agreement*: int8 top-1 = fp32 top-1, mean (worst site). *Margin / int8 error*: "
         "medians of the fp32 top-1 margin and of the largest |int8 - fp32| logit difference.",
         "",
