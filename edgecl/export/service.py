@@ -328,8 +328,9 @@ class SnapshotService:
         latest = self.store.latest(PRECISIONS[precision])
         if since is not None and wait_ms > 0 and (latest is None or latest <= since):
             return None
+        int8 = latest if precision == "int8" else self.store.latest(INT8_FILE)
         reply = {"version": latest, "meta": None, "chunk_bytes": self.settings.chunk_bytes,
-                 "credit": self.settings.credit, "int8_version": self.store.latest(INT8_FILE)}
+                 "credit": self.settings.credit, "int8_version": int8}
         if latest is None:
             return reply
         meta_bytes = self.store.read(latest, META_FILE)

@@ -117,7 +117,7 @@ class TrialResult:
     learned: dict           # site -> samples_learned at the end
     received: dict          # site -> samples_received (acked) at the end
     rejected: dict          # site -> snapshots its parity gate refused (nothing published)
-    int8_withheld: dict = None  # site -> snapshots published as fp32 alone (int8 refused)
+    int8_withheld: dict     # site -> snapshots published as fp32 alone (int8 refused)
 
 
 def site_accuracy(results: dict, round_no: int, key: str = "accuracy") -> dict:
